@@ -1,0 +1,113 @@
+"""The base config every preset starts from, and the `:arg` preset parser.
+
+Every field below can be overridden from the command line, e.g.
+`python run.py --config=configs/dense.py:tiny --config.train.steps=200`.
+Fields are grouped: `model`, `data`, `train`, `mesh`, `sharding`, `checkpoint`,
+`debug`. `moejax/config.py` validates the whole thing before anything is built.
+"""
+
+import ml_collections
+
+from moejax.errors import ConfigError
+
+# Logical axis name -> mesh axes. One table for the whole model; parameters and
+# activations carry logical names (moejax/sharding.py applies this table).
+DEFAULT_SHARDING_RULES = (
+    ("batch", ("data", "fsdp", "expert")),
+    ("seq", None),
+    ("act_embed", None),
+    ("embed", "fsdp"),
+    ("vocab", "tensor"),
+    ("q_heads", "tensor"),
+    ("kv_heads", "tensor"),
+    ("head_dim", None),
+    ("mlp", "tensor"),
+    ("expert", "expert"),
+    ("expert_mlp", "tensor"),
+)
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """All fields with their defaults (a tiny dense model on the embedded corpus)."""
+  c = ml_collections.ConfigDict()
+  c.name = "dense_tiny"
+  c.seed = 0
+
+  # --- model -----------------------------------------------------------------
+  c.model = ml_collections.ConfigDict()
+  c.model.sublayer = "dense"  # FFN slot of every block; see moejax/model/sublayers.py
+  c.model.d_model = 128
+  c.model.num_layers = 4
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2  # grouped-query attention: num_heads % num_kv_heads == 0
+  c.model.head_dim = 32
+  c.model.ffn_dim = 384  # SwiGLU hidden width
+  c.model.max_seq_len = 1024  # longest sequence the rotary tables are built for
+  c.model.rope_theta = 10_000.0
+  c.model.tie_embeddings = True
+  c.model.norm_eps = 1e-6
+  c.model.compute_dtype = "float32"  # "bfloat16" for mixed precision
+  c.model.param_dtype = "float32"
+  c.model.init_std = 0.02
+
+  # --- data ------------------------------------------------------------------
+  c.data = ml_collections.ConfigDict()
+  c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; or any TFDS name, e.g. "lm1b"
+  c.data.data_dir = ""  # "" means $TFDS_DATA_DIR, else ~/tensorflow_datasets; gs:// works
+  c.data.text_key = "text"  # feature holding the document text (TFDS datasets)
+  c.data.train_split = "train"
+  c.data.eval_split = "validation"
+  c.data.tokenizer = "sentencepiece"  # or "byte"
+  c.data.vocab_size = 2048  # sentencepiece only; the byte tokenizer has a fixed vocabulary
+  c.data.seq_len = 128
+  c.data.auto_prepare = True  # build the embedded corpus and tokenizer if missing
+
+  # --- training --------------------------------------------------------------
+  c.train = ml_collections.ConfigDict()
+  c.train.steps = 300
+  c.train.global_batch = 32  # sequences per step, over all devices and hosts
+  c.train.learning_rate = 3e-3
+  c.train.warmup_steps = 30
+  c.train.min_lr_ratio = 0.1  # cosine decays to learning_rate * min_lr_ratio
+  c.train.weight_decay = 0.1
+  c.train.b1 = 0.9
+  c.train.b2 = 0.95
+  c.train.eps = 1e-8
+  c.train.grad_clip = 1.0
+  c.train.log_every = 20
+  c.train.eval_every = 100
+  c.train.eval_batches = 8  # 0 evaluates the whole validation split
+  c.train.final_eval_batches = 0  # 0 = whole validation split at the end
+
+  # --- mesh: axis sizes; -1 fills the remaining devices --------------------
+  c.mesh = ml_collections.ConfigDict()
+  c.mesh.data = -1
+  c.mesh.fsdp = 1
+  c.mesh.expert = 1
+  c.mesh.tensor = 1
+
+  c.sharding = ml_collections.ConfigDict()
+  c.sharding.rules = DEFAULT_SHARDING_RULES
+
+  # --- checkpoints -----------------------------------------------------------
+  c.checkpoint = ml_collections.ConfigDict()
+  c.checkpoint.every = 100
+  c.checkpoint.keep = 3
+  c.checkpoint.async_save = True
+
+  # --- debugging -------------------------------------------------------------
+  c.debug = ml_collections.ConfigDict()
+  c.debug.inject_nan_at_step = -1  # >= 0 makes that step's loss NaN (tests the guard)
+  c.debug.tensorboard = True  # write TensorBoard events if tensorboardX is installed
+  return c
+
+
+def parse_preset(arg: str | None, presets: dict, default: str) -> str:
+  """Returns the preset name in `configs/x.py:NAME`, or raises a ConfigError."""
+  name = (arg or default).strip()
+  if name not in presets:
+    raise ConfigError(
+        f"Unknown preset {name!r}; choose one of {sorted(presets)} "
+        f"(e.g. --config=configs/dense.py:{default})."
+    )
+  return name

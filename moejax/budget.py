@@ -1,0 +1,75 @@
+"""Parameter and FLOP budgets from a config, without building the model.
+
+Conventions (those of PaLM and MaxText, so MFU numbers compare):
+  * a matmul of an [n, a] input with an [a, b] weight costs 2*a*b FLOPs per row;
+  * attention scores and the weighted sum cost 2 * 2 * seq_len * heads * head_dim
+    per token per layer, counted over the full square (no causal discount);
+  * training FLOPs = 3 x forward (backward = 2 x forward);
+  * embedding lookups are free; the unembedding is a matmul (tied or not);
+  * "active" parameters are those one token's forward pass multiplies with
+    (for a dense model, all but the input embedding when untied).
+Each FFN sublayer registers its own budget function here next to its builder's
+name in moejax/model/sublayers.py.
+"""
+
+from typing import Callable
+
+from moejax import data as data_lib
+
+# name -> fn(cfg) -> dict(params=..., active_params=..., flops_per_token=...)
+_SUBLAYER_BUDGETS: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def wrap(fn):
+    _SUBLAYER_BUDGETS[name] = fn
+    return fn
+  return wrap
+
+
+@register("dense")
+def _dense_budget(cfg) -> dict:
+  d, f = cfg.model.d_model, cfg.model.ffn_dim
+  p = 3 * d * f
+  return dict(params=p, active_params=p, flops_per_token=2 * p)
+
+
+def attention_budget(cfg) -> dict:
+  m = cfg.model
+  proj = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)
+  scores = 4 * cfg.data.seq_len * m.num_heads * m.head_dim
+  return dict(params=proj, active_params=proj, flops_per_token=2 * proj + scores)
+
+
+def model_budget(cfg, vocab_size: int | None = None) -> dict:
+  """Totals for the whole decoder; see the module docstring for conventions."""
+  m = cfg.model
+  vocab = vocab_size or data_lib.vocab_size(cfg.data)
+  if m.sublayer not in _SUBLAYER_BUDGETS:
+    raise KeyError(f"No budget registered for sublayer {m.sublayer!r}.")
+  ffn = _SUBLAYER_BUDGETS[m.sublayer](cfg)
+  attn = attention_budget(cfg)
+  norms = (2 * m.num_layers + 1) * m.d_model
+  embed = vocab * m.d_model
+  unembed = 0 if m.tie_embeddings else vocab * m.d_model
+  layers_params = m.num_layers * (attn["params"] + ffn["params"])
+  layers_active = m.num_layers * (attn["active_params"] + ffn["active_params"])
+  total = embed + unembed + layers_params + norms
+  # One token multiplies with the unembedding (which is the embedding when tied).
+  active = layers_active + norms + vocab * m.d_model
+  fwd = m.num_layers * (attn["flops_per_token"] + ffn["flops_per_token"])
+  fwd += 2 * vocab * m.d_model
+  return dict(
+      params=int(total),
+      non_embedding_params=int(layers_params + norms),
+      active_params=int(active),
+      forward_flops_per_token=int(fwd),
+      train_flops_per_token=int(3 * fwd),
+  )
+
+
+def format_count(n: float) -> str:
+  for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+    if abs(n) >= scale:
+      return f"{n / scale:.2f}{unit}"
+  return f"{n:.0f}"

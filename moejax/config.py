@@ -1,0 +1,133 @@
+"""Config validation: every check runs before anything is built or trained.
+
+Each failure raises `ConfigError` with one sentence that names the field and
+says what to change; run.py prints it and exits with status 2. Checks that need
+devices (mesh shape) take the device count as an argument so they can be
+tested without devices.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+
+import ml_collections
+
+from moejax import data as data_lib
+from moejax import sharding
+from moejax.errors import ConfigError
+from moejax.model import sublayers
+
+_DTYPES = ("float32", "bfloat16", "float16")
+
+# Fields that fix the shapes of the saved state or the meaning of the saved data
+# position. Resuming with any of them changed is refused.
+RESUME_FIXED_FIELDS = (
+    "model", "data.name", "data.tokenizer", "data.vocab_size", "data.seq_len",
+    "data.train_split", "train.global_batch", "seed",
+)
+
+
+def _require(ok: bool, message: str) -> None:
+  if not ok:
+    raise ConfigError(message)
+
+
+def _validate_model(m) -> None:
+  _require(m.sublayer in sublayers.names(),
+           f"Unknown --config.model.sublayer={m.sublayer!r}; choose one of "
+           f"{sublayers.names()}.")
+  for field in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "ffn_dim", "max_seq_len"):
+    _require(int(getattr(m, field)) > 0,
+             f"--config.model.{field} must be positive, got {getattr(m, field)}.")
+  _require(m.num_heads % m.num_kv_heads == 0,
+           f"--config.model.num_heads={m.num_heads} must be a multiple of "
+           f"--config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention).")
+  _require(m.head_dim % 2 == 0,
+           f"--config.model.head_dim={m.head_dim} must be even for rotary embeddings.")
+  for field in ("compute_dtype", "param_dtype"):
+    _require(getattr(m, field) in _DTYPES,
+             f"--config.model.{field}={getattr(m, field)!r} is not one of {_DTYPES}.")
+
+
+def _validate_train(t) -> None:
+  _require(t.steps > 0, f"--config.train.steps must be positive, got {t.steps}.")
+  _require(0 <= t.warmup_steps <= t.steps,
+           f"--config.train.warmup_steps={t.warmup_steps} must lie in "
+           f"[0, train.steps={t.steps}].")
+  _require(t.learning_rate > 0,
+           f"--config.train.learning_rate must be positive, got {t.learning_rate}.")
+  _require(0.0 <= t.min_lr_ratio <= 1.0,
+           f"--config.train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1].")
+  _require(t.global_batch > 0,
+           f"--config.train.global_batch must be positive, got {t.global_batch}.")
+  for field in ("log_every", "eval_every"):
+    _require(getattr(t, field) > 0,
+             f"--config.train.{field} must be positive, got {getattr(t, field)}.")
+
+
+def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
+             num_processes: int = 1, check_data: bool = True) -> tuple[int, ...]:
+  """Checks `cfg` for `num_devices` devices; returns the resolved mesh shape."""
+  _validate_model(cfg.model)
+  _validate_train(cfg.train)
+  _require(cfg.data.seq_len > 0,
+           f"--config.data.seq_len must be positive, got {cfg.data.seq_len}.")
+  _require(cfg.data.seq_len <= cfg.model.max_seq_len,
+           f"--config.data.seq_len={cfg.data.seq_len} is longer than the model "
+           f"supports (model.max_seq_len={cfg.model.max_seq_len}); lower seq_len or "
+           "raise --config.model.max_seq_len.")
+  mesh_shape = sharding.resolve_mesh_shape(cfg.mesh, num_devices)
+  axes = dict(zip(sharding.MESH_AXES, mesh_shape))
+  batch_ways = math.prod(axes[a] for a in sharding.BATCH_AXES)
+  _require(cfg.train.global_batch % batch_ways == 0,
+           f"--config.train.global_batch={cfg.train.global_batch} is not divisible "
+           f"by the data-parallel mesh axes (data x fsdp x expert = {batch_ways}); "
+           f"use a multiple of {batch_ways}.")
+  _require(cfg.train.global_batch % num_processes == 0,
+           f"--config.train.global_batch={cfg.train.global_batch} is not divisible "
+           f"by the {num_processes} processes; use a multiple of {num_processes}.")
+  _require(cfg.checkpoint.keep >= 1,
+           f"--config.checkpoint.keep must be at least 1, got {cfg.checkpoint.keep}.")
+  _require(cfg.checkpoint.every > 0,
+           f"--config.checkpoint.every must be positive, got {cfg.checkpoint.every}.")
+  if check_data:
+    data_lib.check_ready(cfg.data)
+  return mesh_shape
+
+
+def to_dict(cfg: ml_collections.ConfigDict) -> dict:
+  """A JSON-able dict of the config (tuples become lists)."""
+  return json.loads(cfg.to_json())
+
+
+def _lookup(tree: dict, dotted: str):
+  node = tree
+  for part in dotted.split("."):
+    if not isinstance(node, dict) or part not in node:
+      return "<missing>"
+    node = node[part]
+  return node
+
+
+def _differences(saved, current, prefix: str) -> list[str]:
+  if isinstance(saved, dict) and isinstance(current, dict):
+    out = []
+    for key in sorted(set(saved) | set(current)):
+      out += _differences(saved.get(key, "<missing>"), current.get(key, "<missing>"),
+                          f"{prefix}.{key}")
+    return out
+  return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
+  """Refuses to resume a checkpoint written by an incompatible config."""
+  diffs = []
+  for field in RESUME_FIXED_FIELDS:
+    diffs += _differences(_lookup(saved, field), _lookup(current, field), field)
+  if diffs:
+    shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
+    raise ConfigError(
+        f"The checkpoint in {workdir} was written with a different config "
+        f"({shown}); use a new --workdir, or rerun with the original values.")

@@ -1,0 +1,86 @@
+"""Run outputs: metrics.jsonl, TensorBoard events and JSON files in the workdir.
+
+Only process 0 writes. metrics.jsonl holds one JSON object per logged step; on
+resume, lines past the restored step are dropped so the file reads as one
+uninterrupted run.
+"""
+
+import json
+import os
+import time
+
+import jax
+import numpy as np
+from absl import logging
+
+
+def _plain(v):
+  if isinstance(v, (np.generic, np.ndarray)) or hasattr(v, "item"):
+    v = np.asarray(v)
+    return v.item() if v.ndim == 0 else v.tolist()
+  return v
+
+
+def write_json(path: str, obj) -> None:
+  """Writes `obj` as JSON atomically (tmp file then rename)."""
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(obj, f, indent=2, sort_keys=True, default=_plain)
+    f.write("\n")
+  os.replace(tmp, path)
+
+
+class MetricWriter:
+  """jsonl always; TensorBoard when tensorboardX is installed and enabled."""
+
+  def __init__(self, workdir: str, *, tensorboard: bool = True):
+    self.active = jax.process_index() == 0
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._tb = None
+    if self.active and tensorboard:
+      try:
+        from tensorboardX import SummaryWriter  # no TensorFlow needed
+        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+      except ImportError:
+        logging.info("tensorboardX not installed; writing metrics.jsonl only.")
+
+  def truncate_after(self, step: int) -> None:
+    """Drops lines logged after `step` (they belong to a run that was killed)."""
+    if not self.active or not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [l for l in f if l.strip()]
+    keep = []
+    for line in lines:
+      try:
+        if json.loads(line).get("step", 0) <= step:
+          keep.append(line)
+      except json.JSONDecodeError:
+        pass  # a line cut by a kill
+    with open(self.path + ".tmp", "w") as f:
+      f.writelines(keep)
+    os.replace(self.path + ".tmp", self.path)
+
+  def write_scalars(self, step: int, scalars: dict) -> None:
+    if not self.active:
+      return
+    row = {"step": int(step), "time": time.time()}
+    row.update({k: _plain(v) for k, v in scalars.items()})
+    with open(self.path, "a") as f:
+      f.write(json.dumps(row, sort_keys=True) + "\n")
+    if self._tb is not None:
+      for k, v in row.items():
+        if k not in ("step", "time") and isinstance(v, (int, float)):
+          self._tb.add_scalar(k, v, int(step))
+
+  def write_text(self, tag: str, text: str) -> None:
+    if self._tb is not None:
+      self._tb.add_text(tag, text, 0)
+
+  def flush(self) -> None:
+    if self._tb is not None:
+      self._tb.flush()
+
+  def close(self) -> None:
+    if self._tb is not None:
+      self._tb.close()

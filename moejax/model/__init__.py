@@ -1,0 +1,1 @@
+"""Decoder LM and its sublayers (Flax NNX)."""

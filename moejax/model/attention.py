@@ -1,0 +1,54 @@
+"""Causal self-attention with grouped-query heads (GQA) and rotary embeddings.
+
+num_heads query heads share num_kv_heads key/value heads (groups of
+g = num_heads / num_kv_heads). A token attends to earlier tokens of its own
+packed document only: mask = causal AND same segment id. Softmax in float32.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.model.params import param
+from moejax.model.rotary import apply_rotary
+from moejax.sharding import constrain
+
+
+class Attention(nnx.Module):
+
+  def __init__(self, cfg, rngs: nnx.Rngs):
+    d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
+    out_std = std / math.sqrt(2 * cfg.num_layers)
+    self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
+    self.rope_theta = cfg.rope_theta
+    self.dtype = jnp.dtype(cfg.compute_dtype)
+    self.wq = param(rngs, (d, h, hd), ("embed", "q_heads", "head_dim"), std=std, dtype=pd)
+    self.wk = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+    self.wv = param(rngs, (d, kv, hd), ("embed", "kv_heads", "head_dim"), std=std, dtype=pd)
+    self.wo = param(rngs, (h, hd, d), ("q_heads", "head_dim", "embed"), std=out_std, dtype=pd)
+
+  def __call__(self, x, *, positions, segment_ids):
+    dt = self.dtype
+    x = x.astype(dt)
+    q = jnp.einsum("bsd,dhk->bshk", x, self.wq[...].astype(dt))
+    k = jnp.einsum("bsd,dhk->bshk", x, self.wk[...].astype(dt))
+    v = jnp.einsum("bsd,dhk->bshk", x, self.wv[...].astype(dt))
+    q = apply_rotary(q, positions, self.rope_theta)
+    k = apply_rotary(k, positions, self.rope_theta)
+    b, s = x.shape[:2]
+    g = self.num_heads // self.num_kv_heads
+    q = q.reshape(b, s, self.num_kv_heads, g, self.head_dim)
+    scores = jnp.einsum("bqngk,bsnk->bngqs", q, k).astype(jnp.float32)
+    scores = scores / math.sqrt(self.head_dim)
+    causal = jnp.tril(jnp.ones((s, s), dtype=bool))
+    same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]
+    mask = (causal[None] & same_doc)[:, None, None]  # [b, 1, 1, q, s]
+    scores = jnp.where(mask, scores, jnp.finfo(jnp.float32).min)
+    probs = jax.nn.softmax(scores, axis=-1).astype(dt)
+    out = jnp.einsum("bngqs,bsnk->bqngk", probs, v)
+    out = out.reshape(b, s, self.num_heads, self.head_dim)
+    y = jnp.einsum("bshk,hkd->bsd", out, self.wo[...].astype(dt))
+    return constrain(y, ("batch", "seq", "act_embed"))

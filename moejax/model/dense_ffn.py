@@ -1,0 +1,36 @@
+"""Dense SwiGLU feed-forward sublayer (Shazeer 2020), the baseline FFN.
+
+  y = (SiLU(x W_gate) * (x W_up)) W_down
+
+Speaks the sublayer interface `y, aux = ffn(x, token_ids=, loop_index=, train=)`;
+a dense layer has no auxiliary losses or metrics, so aux is empty.
+"""
+
+import math
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from moejax.model.params import param
+from moejax.sharding import constrain
+
+
+class SwiGLU(nnx.Module):
+
+  def __init__(self, d_model: int, ffn_dim: int, *, init_std: float, num_layers: int,
+               rngs: nnx.Rngs, compute_dtype="float32", param_dtype="float32"):
+    pd = jnp.dtype(param_dtype)
+    self.dtype = jnp.dtype(compute_dtype)
+    self.w_gate = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=init_std, dtype=pd)
+    self.w_up = param(rngs, (d_model, ffn_dim), ("embed", "mlp"), std=init_std, dtype=pd)
+    self.w_down = param(rngs, (ffn_dim, d_model), ("mlp", "embed"),
+                        std=init_std / math.sqrt(2 * num_layers), dtype=pd)
+
+  def __call__(self, x, *, token_ids=None, loop_index=None, train=False):
+    del token_ids, loop_index, train  # part of the interface; unused by a dense FFN
+    dt = self.dtype
+    x = x.astype(dt)
+    h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
+    h = constrain(h, ("batch", "seq", "mlp"))
+    return h @ self.w_down[...].astype(dt), {}

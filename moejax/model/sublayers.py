@@ -1,0 +1,42 @@
+"""The registry of FFN sublayers a decoder block can hold.
+
+Every sublayer is an nnx.Module with
+    y, aux = sublayer(x, *, token_ids, loop_index, train)
+where x is [batch, seq, d_model] and aux is a flat dict of scalars. Keys that
+start with "loss/" are auxiliary losses, already weighted: the trainer adds them
+to the objective. Every other key is a health metric that is only logged.
+New sublayers (MoE variants) register a builder here; the trainer is untouched.
+"""
+
+from typing import Callable
+
+from flax import nnx
+
+from moejax.model.dense_ffn import SwiGLU
+
+# name -> builder(model_cfg, full_cfg, layer_index, rngs) -> nnx.Module
+_BUILDERS: dict[str, Callable] = {}
+
+
+def register(name: str):
+  def wrap(builder):
+    _BUILDERS[name] = builder
+    return builder
+  return wrap
+
+
+def names() -> list[str]:
+  return sorted(_BUILDERS)
+
+
+def build(cfg, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:
+  """Builds the sublayer named by cfg.model.sublayer for block `layer_index`."""
+  return _BUILDERS[cfg.model.sublayer](cfg, layer_index, rngs)
+
+
+@register("dense")
+def _dense(cfg, layer_index, rngs):
+  del layer_index
+  m = cfg.model
+  return SwiGLU(m.d_model, m.ffn_dim, init_std=m.init_std, num_layers=m.num_layers,
+                rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)

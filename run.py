@@ -1,0 +1,64 @@
+"""moejax entry point: flags -> config -> train_and_evaluate.
+
+  python run.py                                         # tiny dense LM, embedded corpus, CPU
+  python run.py --config=configs/dense.py:tiny --config.train.steps=200 --workdir=runs/x
+  python run.py --config=configs/dense.py:small --dry_run   # budget only, no training
+
+A workdir that holds a checkpoint is resumed. A config that cannot work stops
+before anything is built, with one sentence saying what to change (exit 2).
+"""
+
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, _HERE)  # configs/ is importable from any working directory
+
+config_flags.DEFINE_config_file(
+    "config", os.path.join(_HERE, "configs", "dense.py:tiny"),
+    "Config file and preset, e.g. configs/dense.py:tiny. Override any field with "
+    "--config.<group>.<field>=value.", lock_config=True)
+flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
+flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")
+flags.DEFINE_enum("jax_distributed", "auto", ["auto", "on", "off"],
+                  "Initialize jax.distributed: auto detects multi-process launches.")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
+flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
+flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
+FLAGS = flags.FLAGS
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # after flag parsing, so --jax_* flags and XLA_FLAGS apply
+  from moejax import distributed
+  from moejax.errors import ConfigError, NonFiniteLossError
+
+  cfg = FLAGS.config
+  workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
+  try:
+    distributed.initialize(FLAGS.jax_distributed,
+                           coordinator_address=FLAGS.coordinator_address,
+                           num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if FLAGS.dry_run:
+      from moejax import dry_run
+      dry_run.report(cfg)
+      return
+    from moejax.train import train_and_evaluate
+    train_and_evaluate(cfg, workdir)
+  except ConfigError as e:
+    print(f"config error: {e}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except NonFiniteLossError as e:
+    print(f"training stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(3)
+
+
+if __name__ == "__main__":
+  import jax
+  jax.config.parse_flags_with_absl()  # --jax_* flags, e.g. --jax_platforms=cpu
+  app.run(main)
