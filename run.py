@@ -17,10 +17,18 @@ from ml_collections import config_flags
 _HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, _HERE)  # configs/ is importable from any working directory
 
-config_flags.DEFINE_config_file(
-    "config", os.path.join(_HERE, "configs", "dense.py:tiny"),
-    "Config file and preset, e.g. configs/dense.py:tiny. Override any field with "
-    "--config.<group>.<field>=value.", lock_config=True)
+try:
+  # ml_collections resolves --config.x.y overrides here, so a misspelt field
+  # fails at definition time: report it as one sentence.
+  config_flags.DEFINE_config_file(
+      "config", os.path.join(_HERE, "configs", "dense.py:tiny"),
+      "Config file and preset, e.g. configs/dense.py:tiny. Override any field with "
+      "--config.<group>.<field>=value.", lock_config=True)
+except (AttributeError, KeyError) as _e:
+  _hint = str(_e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
+  print(f"config error: a --config.* override names a field that does not exist "
+        f"({_hint}); see configs/common.py for the fields.", file=sys.stderr)
+  sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
 flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")
 flags.DEFINE_enum("jax_distributed", "auto", ["auto", "on", "off"],
@@ -29,6 +37,31 @@ flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-pr
 flags.DEFINE_integer("num_processes", 0, "Number of processes (multi-process).")
 flags.DEFINE_integer("process_id", -1, "This process's index (multi-process).")
 FLAGS = flags.FLAGS
+
+
+def _config_error_in(exc: BaseException | None):
+  """The ConfigError that caused `exc`, if any (config files raise it on load)."""
+  from moejax.errors import ConfigError
+  while exc is not None:
+    if isinstance(exc, ConfigError):
+      return exc
+    exc = exc.__cause__ or exc.__context__
+  return None
+
+
+def parse_flags(argv):
+  """absl's parser, but a bad preset prints one sentence instead of a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    cause = _config_error_in(e)
+    if cause is None:
+      raise
+    # ml_collections re-raises the error with the traceback folded into the
+    # message; the sentence we wrote is what follows the last "ConfigError: ".
+    message = str(cause).rsplit("ConfigError: ", 1)[-1].strip()
+    print(f"config error: {message}", file=sys.stderr, flush=True)
+    sys.exit(2)
 
 
 def main(argv):
@@ -61,4 +94,4 @@ def main(argv):
 if __name__ == "__main__":
   import jax
   jax.config.parse_flags_with_absl()  # --jax_* flags, e.g. --jax_platforms=cpu
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -97,7 +97,7 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- debugging -------------------------------------------------------------
   c.debug = ml_collections.ConfigDict()
-  c.debug.inject_nan_at_step = -1  # >= 0 makes that step's loss NaN (tests the guard)
+  c.debug.inject_nan_at_step = -1  # >= 1 makes that step's loss NaN (tests the guard)
   c.debug.tensorboard = True  # write TensorBoard events if tensorboardX is installed
   return c
 

@@ -32,6 +32,9 @@ class Checkpointer:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
   def save(self, step: int, state, meta: dict) -> None:
     """Starts saving `state` at `step` (returns once the device copy is done)."""
     self._manager.save(

@@ -129,7 +129,7 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
       aux_loss, aux_metrics = split_aux(aux)
       loss = ce + aux_loss
       if nan_step >= 0:  # debug: poison one step to exercise the guard
-        loss = jnp.where(state["step"] == nan_step, jnp.nan, loss)
+        loss = jnp.where(state["step"] + 1 == nan_step, jnp.nan, loss)
       new_model_state = nnx.state(model, nnx.Not(nnx.Param))
       return loss, (ce, aux_metrics, new_model_state)
 

@@ -67,7 +67,10 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
-    x = jnp.take(self.embed[...], tokens, axis=0).astype(self.dtype)
+    # Gather the table whole before the lookup (FSDP semantics): a gather from a
+    # table split over (vocab, embed) makes XLA replicate it the slow way.
+    table = constrain(self.embed[...], (None, None))
+    x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     per_layer = []
     for block in self.blocks:

@@ -1,0 +1,77 @@
+"""Shared test utilities: tiny configs and subprocess runs of run.py."""
+
+import json
+import os
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def tiny_config(**overrides):
+  """A very small dense model on the synthetic dataset (fast on CPU)."""
+  from configs.common import base_config
+  c = base_config()
+  c.name = "test_tiny"
+  c.model.d_model = 32
+  c.model.num_layers = 2
+  c.model.num_heads = 4
+  c.model.num_kv_heads = 2
+  c.model.head_dim = 8
+  c.model.ffn_dim = 64
+  c.data.name = "synthetic"
+  c.data.tokenizer = "byte"
+  c.data.seq_len = 16
+  c.train.global_batch = 8
+  c.train.steps = 12
+  c.train.warmup_steps = 2
+  c.train.log_every = 1
+  c.train.eval_every = 1000
+  c.train.eval_batches = 2
+  c.train.final_eval_batches = 2
+  c.checkpoint.every = 4
+  c.debug.tensorboard = False
+  for key, value in overrides.items():
+    node = c
+    *path, leaf = key.split(".")
+    for p in path:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+def config_flags(overrides: dict) -> list[str]:
+  return [f"--config.{k}={v}" for k, v in overrides.items()]
+
+
+TINY_FLAGS = {
+    "name": "test_tiny", "model.d_model": 32, "model.num_layers": 2,
+    "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
+    "model.ffn_dim": 64, "data.name": "synthetic", "data.tokenizer": "byte",
+    "data.seq_len": 16, "train.global_batch": 8, "train.steps": 12,
+    "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 1000,
+    "train.eval_batches": 2, "train.final_eval_batches": 2, "checkpoint.every": 4,
+    "debug.tensorboard": False,
+}
+
+
+def run_py(args: list[str], *, devices: int = 1, timeout: int = 300,
+           env: dict | None = None, **popen_kw):
+  """Runs `python run.py ARGS` with `devices` fake CPU devices."""
+  full_env = dict(os.environ)
+  full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  full_env["JAX_PLATFORMS"] = "cpu"
+  full_env["PYTHONUNBUFFERED"] = "1"
+  full_env.update(env or {})
+  cmd = [sys.executable, os.path.join(ROOT, "run.py"), *args]
+  return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                        env=full_env, cwd=ROOT, **popen_kw)
+
+
+def read_metrics(workdir: str) -> list[dict]:
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    return [json.loads(line) for line in f if line.strip()]
+
+
+def losses_by_step(workdir: str) -> dict[int, float]:
+  return {r["step"]: r["loss"] for r in read_metrics(workdir) if "loss" in r}

@@ -1,0 +1,45 @@
+"""Two CPU processes with jax.distributed train, checkpoint, and match one process."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+
+from tests.helpers import ROOT, TINY_FLAGS, config_flags, losses_by_step, run_py
+
+FLAGS = config_flags({**TINY_FLAGS, "train.steps": 6, "checkpoint.every": 3})
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path):
+  multi_dir, single_dir = str(tmp_path / "multi"), str(tmp_path / "single")
+  port = _free_port()
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
+             JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
+  procs = [subprocess.Popen(
+      [sys.executable, os.path.join(ROOT, "run.py"), *FLAGS, f"--workdir={multi_dir}",
+       f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
+       f"--process_id={i}"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE, text=True) for i in range(2)]
+  outs = [p.communicate(timeout=300) for p in procs]
+  for p, (out, err) in zip(procs, outs):
+    assert p.returncode == 0, err[-3000:]
+  assert "2 process(es)" in outs[0][0] and "mesh {'data': 4" in outs[0][0]
+  assert sorted(os.listdir(os.path.join(multi_dir, "checkpoints"))) == ["3", "6"]
+  with open(os.path.join(multi_dir, "final.json")) as f:
+    assert json.load(f)["status"] == "completed"
+
+  # Same global batch on one process with 4 devices: same losses.
+  single = run_py([*FLAGS, f"--workdir={single_dir}"], devices=4)
+  assert single.returncode == 0, single.stderr[-3000:]
+  a, b = losses_by_step(multi_dir), losses_by_step(single_dir)
+  assert sorted(a) == list(range(1, 7))
+  np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5, atol=1e-5)
