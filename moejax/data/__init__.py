@@ -1,0 +1,123 @@
+"""Data: the embedded corpus, TFDS datasets, tokenizers, packing and batches.
+
+The trainer uses only the functions below. Datasets:
+  stdlib_source  the running Python's standard library source (embedded, offline)
+  synthetic      a learnable Markov-chain stream for tests
+  <any TFDS name> prepared as array_record under data_dir (e.g. lm1b)
+"""
+
+from __future__ import annotations
+
+import os
+
+from moejax.data import prepare as _prepare
+from moejax.data import synthetic as _synthetic
+from moejax.data import tfds_access
+from moejax.data import token_cache
+from moejax.data.batches import BatchIterator
+from moejax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, SentencePieceTokenizer
+from moejax.errors import ConfigError
+
+SYNTHETIC = "synthetic"
+TOKENIZERS = ("sentencepiece", "byte")
+MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + some merges
+
+
+def resolve_data_dir(data_cfg) -> str:
+  d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
+  return d if d.startswith("gs://") else os.path.abspath(os.path.expanduser(d))
+
+
+def vocab_size(data_cfg) -> int:
+  if data_cfg.name == SYNTHETIC or data_cfg.tokenizer == "byte":
+    return BYTE_VOCAB_SIZE
+  return int(data_cfg.vocab_size)
+
+
+def check_ready(data_cfg) -> None:
+  """Raises ConfigError, with the command that fixes it, if data can't be had."""
+  if data_cfg.tokenizer not in TOKENIZERS:
+    raise ConfigError(f"Unknown --config.data.tokenizer={data_cfg.tokenizer!r}; "
+                      f"choose one of {list(TOKENIZERS)}.")
+  if data_cfg.name == SYNTHETIC:
+    return
+  if data_cfg.tokenizer == "sentencepiece" and data_cfg.vocab_size < MIN_SENTENCEPIECE_VOCAB:
+    raise ConfigError(f"--config.data.vocab_size={data_cfg.vocab_size} is too small for "
+                      f"sentencepiece with byte fallback; use at least "
+                      f"{MIN_SENTENCEPIECE_VOCAB}.")
+  data_dir = resolve_data_dir(data_cfg)
+  builder = tfds_access.get_builder(data_cfg.name, data_dir)
+  if data_cfg.name == tfds_access.EMBEDDED:
+    if not data_cfg.auto_prepare and not tfds_access.is_prepared(builder):
+      raise ConfigError(
+          f"The embedded corpus is not prepared in {data_dir} and "
+          "data.auto_prepare is off; prepare it with: python3 -m moejax.data.prepare "
+          f"--dataset={data_cfg.name} --data_dir={data_dir}")
+    return
+  if not tfds_access.is_prepared(builder):
+    raise ConfigError(
+        f"Dataset {data_cfg.name!r} is not prepared in {data_dir}; prepare it with: "
+        f"tfds build {data_cfg.name} --file_format=array_record --data_dir={data_dir}")
+  if tfds_access.file_format(builder) != "array_record":
+    raise ConfigError(
+        f"Dataset {data_cfg.name!r} in {builder.data_path} is stored as "
+        f"{tfds_access.file_format(builder)}, which needs TensorFlow to read; convert it "
+        f"with: tfds convert_format --dataset_dir={builder.data_path} "
+        "--out_file_format=array_record")
+  for split in (data_cfg.train_split, data_cfg.eval_split):
+    if split not in builder.info.splits:
+      raise ConfigError(
+          f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
+          f"{sorted(builder.info.splits)}); set --config.data.train_split / eval_split.")
+
+
+def prepare(data_cfg) -> None:
+  """Builds, once, whatever is missing: corpus, tokenizer, token caches."""
+  if data_cfg.name != SYNTHETIC:
+    _prepare.prepare_all(data_cfg, resolve_data_dir(data_cfg))
+
+
+def load_tokenizer(data_cfg):
+  if data_cfg.name == SYNTHETIC or data_cfg.tokenizer == "byte":
+    return ByteTokenizer()
+  return SentencePieceTokenizer(_prepare.tokenizer_path(data_cfg, resolve_data_dir(data_cfg)))
+
+
+def _stream(data_cfg, split: str):
+  if data_cfg.name == SYNTHETIC:
+    return _synthetic.stream("train" if split == data_cfg.train_split else "eval")
+  return token_cache.load(_prepare.cache_path(data_cfg, resolve_data_dir(data_cfg),
+                                              load_tokenizer(data_cfg), split))
+
+
+def make_train_iterator(data_cfg, *, seq_len, global_batch, seed, process_index=0,
+                        process_count=1) -> BatchIterator:
+  return BatchIterator(_stream(data_cfg, data_cfg.train_split), seq_len=seq_len,
+                       global_batch=global_batch, seed=seed, shuffle=True,
+                       bos_id=load_tokenizer(data_cfg).bos_id,
+                       process_index=process_index, process_count=process_count)
+
+
+def make_eval_iterator(data_cfg, *, seq_len, global_batch, process_index=0,
+                       process_count=1) -> BatchIterator:
+  return BatchIterator(_stream(data_cfg, data_cfg.eval_split), seq_len=seq_len,
+                       global_batch=global_batch, seed=0, shuffle=False,
+                       bos_id=load_tokenizer(data_cfg).bos_id,
+                       process_index=process_index, process_count=process_count)
+
+
+def dataset_info(data_cfg) -> dict:
+  """What identifies the data of a run: recorded in checkpoints and final.json."""
+  tok = load_tokenizer(data_cfg)
+  info = dict(name=data_cfg.name, tokenizer=data_cfg.tokenizer if data_cfg.name != SYNTHETIC
+              else "byte", tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
+  if data_cfg.name == SYNTHETIC:
+    info.update(train_tokens=int(_synthetic.TRAIN_TOKENS), eval_tokens=int(_synthetic.EVAL_TOKENS))
+    return info
+  data_dir = resolve_data_dir(data_cfg)
+  for role, split in (("train", data_cfg.train_split), ("eval", data_cfg.eval_split)):
+    meta = token_cache.load_info(_prepare.cache_path(data_cfg, data_dir, tok, split))
+    info[f"{role}_tokens"], info[f"{role}_bytes"] = meta["tokens"], meta["bytes"]
+    info.update(version=meta["version"], fingerprint=meta.get("fingerprint"),
+                python_version=meta.get("python_version"))
+  return info

@@ -1,0 +1,74 @@
+"""Each split tokenized once into a flat token stream, cached as .npy.
+
+  <data_dir>/moejax_cache/<dataset>/<version>/<tokenizer fingerprint[:16]>/<split>.npy
+  ... and <split>.json: documents, tokens, bytes, dataset and tokenizer ids.
+
+The stream is [bos, doc0, bos, doc1, ...] (see packing.py) in uint16 when the
+vocabulary allows. Files are written to a temporary name and renamed, so a
+killed process never leaves a half-written cache. Training memory-maps them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import numpy as np
+from absl import logging
+
+
+def cache_dir(data_dir: str, dataset: str, version: str, tokenizer_fingerprint: str) -> str:
+  return os.path.join(data_dir, "moejax_cache", dataset.replace("/", "__"), str(version),
+                      tokenizer_fingerprint[:16])
+
+
+def stream_dtype(vocab_size: int):
+  return np.uint16 if vocab_size <= np.iinfo(np.uint16).max + 1 else np.uint32
+
+
+def build(path: str, texts, tokenizer, meta: dict, *, chunk: int = 1024) -> dict:
+  """Tokenizes `texts` into `path` (.npy) and writes the .json sidecar."""
+  dtype = stream_dtype(tokenizer.vocab_size)
+  encode_batch = getattr(tokenizer, "encode_batch", None) or (
+      lambda batch: [tokenizer.encode(t) for t in batch])
+  parts, docs, nbytes, start = [], 0, 0, time.time()
+  batch: list[str] = []
+
+  def flush():
+    nonlocal docs, nbytes
+    for ids in encode_batch(batch):
+      parts.append(np.asarray([tokenizer.bos_id], dtype))
+      parts.append(np.asarray(ids, dtype))
+    docs += len(batch)
+    nbytes += sum(len(t.encode("utf-8")) for t in batch)
+    batch.clear()
+    if docs % (chunk * 100) < chunk:
+      logging.info("tokenized %d documents (%.0f s)", docs, time.time() - start)
+
+  for text in texts:
+    batch.append(text)
+    if len(batch) >= chunk:
+      flush()
+  if batch:
+    flush()
+  stream = np.concatenate(parts) if parts else np.zeros((0,), dtype)
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp.npy"
+  np.save(tmp, stream)
+  os.replace(tmp, path)
+  info = dict(meta, documents=docs, tokens=int(stream.size), bytes=int(nbytes),
+              tokenize_seconds=round(time.time() - start, 2))
+  with open(path[:-4] + ".json.tmp", "w") as f:
+    json.dump(info, f, indent=2, sort_keys=True)
+  os.replace(path[:-4] + ".json.tmp", path[:-4] + ".json")
+  return info
+
+
+def load(path: str) -> np.ndarray:
+  return np.load(path, mmap_mode="r")
+
+
+def load_info(path: str) -> dict:
+  with open(path[:-4] + ".json") as f:
+    return json.load(f)

@@ -1,0 +1,118 @@
+"""Tokenizers: raw UTF-8 bytes, or SentencePiece trained locally on the corpus.
+
+Both give `bytes_per_token[id]`, the number of UTF-8 bytes a token decodes to
+(0 for special tokens), so bits per byte is exact:
+  bpb = sum(token NLL in nats) / (ln 2 * sum(bytes_per_token[target])).
+Every document is prefixed with BOS, which doubles as the document separator.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from typing import Iterable, Protocol
+
+import numpy as np
+
+BYTE_VOCAB_SIZE = 264  # 256 bytes + pad + bos + 6 reserved: divisible by 2, 4, 8
+
+
+class Tokenizer(Protocol):
+  vocab_size: int
+  bos_id: int
+  pad_id: int
+  bytes_per_token: np.ndarray
+  fingerprint: str
+
+  def encode(self, text: str) -> list[int]: ...
+
+  def decode(self, ids: Iterable[int]) -> str: ...
+
+
+class ByteTokenizer:
+  """ids 0..255 are bytes; 256 = pad, 257 = bos; 258..263 unused."""
+
+  vocab_size = BYTE_VOCAB_SIZE
+  pad_id = 256
+  bos_id = 257
+  fingerprint = "bytes-v1"
+
+  def __init__(self):
+    self.bytes_per_token = np.zeros(self.vocab_size, np.int32)
+    self.bytes_per_token[:256] = 1
+
+  def encode(self, text: str) -> list[int]:
+    return list(text.encode("utf-8"))
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
+
+
+class SentencePieceTokenizer:
+  """A trained SentencePiece model with pad=0, bos=1 and byte fallback."""
+
+  pad_id = 0
+  bos_id = 1
+
+  def __init__(self, model_path: str):
+    import sentencepiece as spm
+    self.path = model_path
+    self._sp = spm.SentencePieceProcessor(model_file=model_path)
+    self.vocab_size = self._sp.get_piece_size()
+    with open(model_path, "rb") as f:
+      self.fingerprint = hashlib.sha256(f.read()).hexdigest()
+    self.bytes_per_token = np.zeros(self.vocab_size, np.int32)
+    for i in range(self.vocab_size):
+      if self._sp.is_control(i) or self._sp.is_unknown(i):
+        continue
+      if self._sp.is_byte(i):
+        self.bytes_per_token[i] = 1
+      else:
+        self.bytes_per_token[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ")
+                                      .encode("utf-8"))
+
+  def encode(self, text: str) -> list[int]:
+    return self._sp.encode(text)
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return self._sp.encode(texts)
+
+  def decode(self, ids: Iterable[int]) -> str:
+    return self._sp.decode([int(i) for i in ids if i not in (self.pad_id, self.bos_id)])
+
+
+def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
+                        *, max_lines: int = 300_000) -> None:
+  """Trains a BPE model on `texts` (code: whitespace kept, digits split).
+
+  BPE rather than unigram: on source code it gives the same compression at this
+  size and trains faster. Normalisation is the identity and no dummy prefix or
+  whitespace folding is applied, so decode(encode(s)) == s exactly; unseen
+  characters fall back to bytes. Lines are capped (every k-th line kept) to bound
+  training time; the choice of lines is deterministic.
+  """
+  import sentencepiece as spm
+  lines = [line for t in texts for line in t.splitlines(keepends=True) if line.strip()]
+  stride = max(1, len(lines) // max_lines)
+  lines = lines[::stride]
+  os.makedirs(os.path.dirname(model_path) or ".", exist_ok=True)
+  with tempfile.TemporaryDirectory() as tmp:
+    corpus = os.path.join(tmp, "corpus.txt")
+    with open(corpus, "w", encoding="utf-8") as f:
+      for line in lines:
+        f.write(line.rstrip("\n").replace("\n", " ") + "\n")
+    prefix = os.path.join(tmp, "sp")
+    spm.SentencePieceTrainer.train(
+        input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+        character_coverage=1.0, byte_fallback=True, split_digits=True,
+        normalization_rule_name="identity", add_dummy_prefix=False,
+        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+        split_by_whitespace=True, max_sentence_length=1 << 16,
+        pad_id=0, bos_id=1, eos_id=-1, unk_id=2, user_defined_symbols=["\n", "\t"],
+        num_threads=2, minloglevel=2, shuffle_input_sentence=False,
+        input_sentence_size=0)
+    tmp_model = model_path + ".tmp"
+    with open(prefix + ".model", "rb") as src, open(tmp_model, "wb") as dst:
+      dst.write(src.read())
+    os.replace(tmp_model, model_path)
