@@ -11,7 +11,7 @@ before anything is built, with one sentence saying what to change (exit 2).
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
@@ -71,6 +71,8 @@ def main(argv):
   from moejax import distributed
   from moejax.errors import ConfigError, NonFiniteLossError
 
+  if not FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
   try:
