@@ -12,19 +12,12 @@ Each FFN sublayer registers its own budget function here next to its builder's
 name in moejax/model/sublayers.py.
 """
 
-from typing import Callable
-
 from moejax import data as data_lib
+from moejax.registry import Registry
 
 # name -> fn(cfg) -> dict(params=..., active_params=..., flops_per_token=...)
-_SUBLAYER_BUDGETS: dict[str, Callable] = {}
-
-
-def register(name: str):
-  def wrap(fn):
-    _SUBLAYER_BUDGETS[name] = fn
-    return fn
-  return wrap
+SUBLAYER_BUDGETS: Registry = Registry("sublayer budget")
+register = SUBLAYER_BUDGETS.register
 
 
 @register("dense")
@@ -45,9 +38,7 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
   """Totals for the whole decoder; see the module docstring for conventions."""
   m = cfg.model
   vocab = vocab_size or data_lib.vocab_size(cfg.data)
-  if m.sublayer not in _SUBLAYER_BUDGETS:
-    raise KeyError(f"No budget registered for sublayer {m.sublayer!r}.")
-  ffn = _SUBLAYER_BUDGETS[m.sublayer](cfg)
+  ffn = SUBLAYER_BUDGETS.get(m.sublayer)(cfg)
   attn = attention_budget(cfg)
   norms = (2 * m.num_layers + 1) * m.d_model
   embed = vocab * m.d_model

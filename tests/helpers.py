@@ -8,30 +8,24 @@ import sys
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+# A very small dense model on the synthetic dataset (fast on CPU), as
+# --config.* overrides; tiny_config() applies the same values in-process.
+TINY_FLAGS = {
+    "name": "test_tiny", "model.d_model": 32, "model.num_layers": 2,
+    "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
+    "model.ffn_dim": 64, "data.name": "synthetic", "data.tokenizer": "byte",
+    "data.seq_len": 16, "train.global_batch": 8, "train.steps": 12,
+    "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 1000,
+    "train.eval_batches": 2, "train.final_eval_batches": 2, "checkpoint.every": 4,
+    "debug.tensorboard": False,
+}
+
+
 def tiny_config(**overrides):
-  """A very small dense model on the synthetic dataset (fast on CPU)."""
+  """base_config() with TINY_FLAGS and then `overrides` ("group.field": value)."""
   from configs.common import base_config
   c = base_config()
-  c.name = "test_tiny"
-  c.model.d_model = 32
-  c.model.num_layers = 2
-  c.model.num_heads = 4
-  c.model.num_kv_heads = 2
-  c.model.head_dim = 8
-  c.model.ffn_dim = 64
-  c.data.name = "synthetic"
-  c.data.tokenizer = "byte"
-  c.data.seq_len = 16
-  c.train.global_batch = 8
-  c.train.steps = 12
-  c.train.warmup_steps = 2
-  c.train.log_every = 1
-  c.train.eval_every = 1000
-  c.train.eval_batches = 2
-  c.train.final_eval_batches = 2
-  c.checkpoint.every = 4
-  c.debug.tensorboard = False
-  for key, value in overrides.items():
+  for key, value in {**TINY_FLAGS, **overrides}.items():
     node = c
     *path, leaf = key.split(".")
     for p in path:
@@ -42,17 +36,6 @@ def tiny_config(**overrides):
 
 def config_flags(overrides: dict) -> list[str]:
   return [f"--config.{k}={v}" for k, v in overrides.items()]
-
-
-TINY_FLAGS = {
-    "name": "test_tiny", "model.d_model": 32, "model.num_layers": 2,
-    "model.num_heads": 4, "model.num_kv_heads": 2, "model.head_dim": 8,
-    "model.ffn_dim": 64, "data.name": "synthetic", "data.tokenizer": "byte",
-    "data.seq_len": 16, "train.global_batch": 8, "train.steps": 12,
-    "train.warmup_steps": 2, "train.log_every": 1, "train.eval_every": 1000,
-    "train.eval_batches": 2, "train.final_eval_batches": 2, "checkpoint.every": 4,
-    "debug.tensorboard": False,
-}
 
 
 def run_py(args: list[str], *, devices: int = 1, timeout: int = 300,

@@ -8,30 +8,20 @@ to the objective. Every other key is a health metric that is only logged.
 New sublayers (MoE variants) register a builder here; the trainer is untouched.
 """
 
-from typing import Callable
-
 from flax import nnx
 
 from moejax.model.dense_ffn import SwiGLU
+from moejax.registry import Registry
 
-# name -> builder(model_cfg, full_cfg, layer_index, rngs) -> nnx.Module
-_BUILDERS: dict[str, Callable] = {}
-
-
-def register(name: str):
-  def wrap(builder):
-    _BUILDERS[name] = builder
-    return builder
-  return wrap
-
-
-def names() -> list[str]:
-  return sorted(_BUILDERS)
+# name -> builder(cfg, layer_index, rngs) -> nnx.Module
+BUILDERS: Registry = Registry("sublayer")
+register = BUILDERS.register
+names = BUILDERS.names
 
 
 def build(cfg, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:
   """Builds the sublayer named by cfg.model.sublayer for block `layer_index`."""
-  return _BUILDERS[cfg.model.sublayer](cfg, layer_index, rngs)
+  return BUILDERS.get(cfg.model.sublayer)(cfg, layer_index, rngs)
 
 
 @register("dense")
