@@ -8,6 +8,7 @@ The trainer uses only the functions below. Datasets:
 
 from __future__ import annotations
 
+import functools
 import os
 
 from moejax.data import prepare as _prepare
@@ -80,7 +81,12 @@ def prepare(data_cfg) -> None:
 def load_tokenizer(data_cfg):
   if data_cfg.name == SYNTHETIC or data_cfg.tokenizer == "byte":
     return ByteTokenizer()
-  return SentencePieceTokenizer(_prepare.tokenizer_path(data_cfg, resolve_data_dir(data_cfg)))
+  return _load_sentencepiece(_prepare.tokenizer_path(data_cfg, resolve_data_dir(data_cfg)))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
+  return SentencePieceTokenizer(path)
 
 
 def _stream(data_cfg, split: str):

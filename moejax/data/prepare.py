@@ -71,8 +71,10 @@ def prepare_all(data_cfg, data_dir: str) -> None:
       start = time.time()
       _log(f"preparing the embedded corpus (Python standard library source) in {data_dir}")
       import tensorflow_datasets as tfds
+      tfds.disable_progress_bar()
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
+      tfds_access.forget_builders()
       builder = tfds_access.get_builder(data_cfg.name, data_dir)
       with open(os.path.join(builder.data_path, "corpus.json"), "w") as f:
         json.dump(_corpus_meta(builder), f, indent=2)

@@ -6,6 +6,7 @@ decoding): TensorFlow is never imported during training.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import tensorflow_datasets as tfds
@@ -23,8 +24,13 @@ def disable_gcs() -> None:
     gcs_utils._is_gcs_disabled = True
 
 
+@functools.lru_cache(maxsize=16)
 def get_builder(name: str, data_dir: str):
-  """The builder of the embedded corpus or of a TFDS catalog dataset."""
+  """The builder of the embedded corpus or of a TFDS catalog dataset (cached).
+
+  Callers that prepare a dataset call `forget_builders()` afterwards, since a
+  builder reads its dataset_info.json once, at construction.
+  """
   disable_gcs()
   if name == EMBEDDED:
     from moejax.data.stdlib_corpus import StdlibSource
@@ -35,6 +41,10 @@ def get_builder(name: str, data_dir: str):
     raise ConfigError(
         f"Unknown dataset --config.data.name={name!r}: use 'stdlib_source' (embedded), "
         "'synthetic', or a TFDS catalog name such as 'lm1b'.") from None
+
+
+def forget_builders() -> None:
+  get_builder.cache_clear()
 
 
 def is_prepared(builder) -> bool:
