@@ -2,52 +2,68 @@
 
 Modes (`--jax_distributed`):
   off   never initialize (single process);
-  on    always initialize, with the coordinator flags if given, else JAX's
-        cluster auto-detection (Cloud TPU, Slurm, Open MPI, Kubernetes);
+  on    always initialize: with the coordinator settings if given, else with
+        JAX's cluster auto-detection (Cloud TPU, Slurm, Open MPI, Kubernetes);
   auto  initialize when the flags or the environment say this is one of several
         processes, else run as a single process.
-On CPU, cross-process collectives use gloo.
+Coordinator settings come from the flags, else from the environment variables
+JAX_COORDINATOR_ADDRESS, JAX_NUM_PROCESSES and JAX_PROCESS_ID. On CPU,
+cross-process collectives use gloo.
 """
 
+from __future__ import annotations
+
 import os
+from typing import Mapping
 
 import jax
 from absl import logging
 
-# Environment variables whose presence means "one of several processes".
-_CLUSTER_ENV = (
-    "JAX_COORDINATOR_ADDRESS",   # generic
-    "TPU_WORKER_HOSTNAMES",      # multi-host Cloud TPU VM
-    "MEGASCALE_COORDINATOR_ADDRESS",
-)
+from moejax.errors import ConfigError
 
 
-def _multi_process_env() -> bool:
-  if any(os.environ.get(v) for v in _CLUSTER_ENV):
-    hosts = os.environ.get("TPU_WORKER_HOSTNAMES", "")
-    return "," in hosts or bool(os.environ.get("JAX_COORDINATOR_ADDRESS") or
-                                os.environ.get("MEGASCALE_COORDINATOR_ADDRESS"))
-  for var in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"):
-    if int(os.environ.get(var, "1") or 1) > 1:
-      return True
-  return False
+def _cluster_detected(env: Mapping[str, str]) -> bool:
+  """True where JAX's own auto-detection will find several processes."""
+  if "," in env.get("TPU_WORKER_HOSTNAMES", ""):
+    return True  # multi-host Cloud TPU VM
+  if env.get("MEGASCALE_COORDINATOR_ADDRESS"):
+    return True  # multi-slice TPU
+  return any(int(env.get(v, "1") or 1) > 1 for v in ("SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE"))
+
+
+def plan(mode: str, *, coordinator_address: str = "", num_processes: int = 0,
+         process_id: int = -1, env: Mapping[str, str] | None = None) -> dict | None:
+  """Keyword arguments for jax.distributed.initialize, or None for one process."""
+  if mode not in ("auto", "on", "off"):
+    raise ConfigError(f"--jax_distributed must be auto, on or off, got {mode!r}.")
+  env = os.environ if env is None else env
+  address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+  count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0)
+  index = process_id if process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1)
+  if mode == "off":
+    return None
+  if address:
+    if count < 1 or not 0 <= index < count:
+      raise ConfigError(
+          f"A coordinator address ({address}) needs the number of processes and this "
+          f"process's index (got {count} and {index}); pass --num_processes and "
+          "--process_id, or set JAX_NUM_PROCESSES and JAX_PROCESS_ID.")
+    return dict(coordinator_address=address, num_processes=count, process_id=index)
+  if mode == "on" or _cluster_detected(env):
+    return {}  # JAX detects the cluster
+  return None
 
 
 def initialize(mode: str = "auto", *, coordinator_address: str = "",
                num_processes: int = 0, process_id: int = -1) -> bool:
-  """Initializes jax.distributed when asked to; returns True if it did."""
-  if mode not in ("auto", "on", "off"):
-    raise ValueError(f"--jax_distributed must be auto, on or off, got {mode!r}.")
-  explicit = bool(coordinator_address)
-  if mode == "off" or (mode == "auto" and not explicit and not _multi_process_env()):
+  """Initializes jax.distributed when `plan` says so; returns True if it did."""
+  kwargs = plan(mode, coordinator_address=coordinator_address,
+                num_processes=num_processes, process_id=process_id)
+  if kwargs is None:
     return False
-  if jax.config.jax_platforms in (None, "", "cpu") or os.environ.get("JAX_PLATFORMS") == "cpu":
+  platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+  if platforms in ("", "cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  kwargs = {}
-  if explicit:
-    kwargs = dict(coordinator_address=coordinator_address,
-                  num_processes=num_processes or None,
-                  process_id=process_id if process_id >= 0 else None)
   jax.distributed.initialize(**kwargs)
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),

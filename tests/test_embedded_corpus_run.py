@@ -15,6 +15,7 @@ cfg = get_config("tiny")
 cfg.data.data_dir = sys.argv[1]
 cfg.data.vocab_size = 512
 cfg.train.steps = 6
+cfg.train.warmup_steps = 2
 cfg.train.log_every = 3
 cfg.train.eval_every = 1000
 cfg.train.final_eval_batches = 2

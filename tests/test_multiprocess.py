@@ -43,3 +43,23 @@ def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path):
   a, b = losses_by_step(multi_dir), losses_by_step(single_dir)
   assert sorted(a) == list(range(1, 7))
   np.testing.assert_allclose([a[s] for s in a], [b[s] for s in a], rtol=1e-5, atol=1e-5)
+
+
+def test_distributed_plan_from_flags_and_environment():
+  import pytest
+
+  from moejax.distributed import plan
+  from moejax.errors import ConfigError
+  assert plan("auto", env={}) is None
+  assert plan("off", coordinator_address="h:1", num_processes=2, process_id=0, env={}) is None
+  assert plan("auto", coordinator_address="h:1", num_processes=2, process_id=1, env={}) == {
+      "coordinator_address": "h:1", "num_processes": 2, "process_id": 1}
+  env = {"JAX_COORDINATOR_ADDRESS": "h:2", "JAX_NUM_PROCESSES": "4", "JAX_PROCESS_ID": "3"}
+  assert plan("auto", env=env) == {"coordinator_address": "h:2", "num_processes": 4,
+                                   "process_id": 3}
+  assert plan("auto", env={"SLURM_NTASKS": "8"}) == {}  # JAX's Slurm detection
+  assert plan("auto", env={"TPU_WORKER_HOSTNAMES": "a,b"}) == {}
+  assert plan("auto", env={"TPU_WORKER_HOSTNAMES": "a"}) is None  # single-host TPU
+  assert plan("on", env={}) == {}
+  with pytest.raises(ConfigError, match="--num_processes and --process_id"):
+    plan("auto", coordinator_address="h:1", env={})
