@@ -6,6 +6,10 @@ and times `--steps` steps after `--warmup` steps (compilation excluded).
   input wait share = time in next(iterator) + host->device assembly, divided by
                      wall time of the timed loop (goal: under 5%)
   MFU              = train FLOPs/token x tokens/s / (devices x --peak_tflops)
+  matmul ratio     = the same achieved FLOP/s divided by that of one large
+                     dense matmul (compute dtype of the config) timed in the same
+                     run on the same devices: a machine-relative utilisation
+                     that needs no published peak (CPUs have none).
 
   python benchmarks/train_step.py --config=configs/dense.py:tiny \
       --peak_tflops=0.1 --out=benchmarks/results/train_step_cpu.md
@@ -80,6 +84,36 @@ def measure(cfg, steps: int, warmup: int) -> dict:
               achieved_tflops=b["train_flops_per_token"] * tokens / elapsed / 1e12)
 
 
+def matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
+  """Achieved TFLOP/s of an [n, n] x [n, n] matmul on every device at once."""
+  import jax
+  import jax.numpy as jnp
+  from jax.sharding import NamedSharding, PartitionSpec as P
+  n_dev = jax.device_count()
+  mesh = jax.make_mesh((n_dev,), ("d",), axis_types=(jax.sharding.AxisType.Auto,))
+  sh = NamedSharding(mesh, P("d"))
+  a = jax.device_put(jnp.ones((n_dev * size, size), dtype), sh)
+  b = jax.device_put(jnp.ones((size, size), dtype), NamedSharding(mesh, P()))
+  f = jax.jit(lambda a, b: a @ b, out_shardings=sh)
+  jax.block_until_ready(f(a, b))
+  start = time.perf_counter()
+  for _ in range(repeats):
+    out = f(a, b)
+  jax.block_until_ready(out)
+  return 2 * n_dev * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
+
+
+def cpu_model() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      for line in f:
+        if line.startswith("model name"):
+          return line.split(":", 1)[1].strip()
+  except OSError:
+    pass
+  return platform.processor() or platform.machine()
+
+
 def main(argv):
   del argv
   import jax
@@ -88,9 +122,11 @@ def main(argv):
   n = jax.device_count()
   if FLAGS.peak_tflops > 0:
     r["mfu"] = r["achieved_tflops"] / (n * FLAGS.peak_tflops)
+  r["matmul_tflops"] = matmul_tflops(cfg.model.compute_dtype)
+  r["matmul_ratio"] = r["achieved_tflops"] / r["matmul_tflops"]
   import flax
   r.update(config=cfg.name, devices=f"{n} x {jax.devices()[0].device_kind}",
-           platform=jax.devices()[0].platform, cpu=platform.processor() or platform.machine(),
+           platform=jax.devices()[0].platform, cpu=cpu_model(),
            cores=os.cpu_count(), jax=jax.__version__, flax=flax.__version__,
            python=platform.python_version(), steps=FLAGS.steps,
            peak_tflops_per_device=FLAGS.peak_tflops,
@@ -109,6 +145,9 @@ def main(argv):
       f"| input wait share (goal < 5%) | {100 * r['input_wait_share']:.2f}% |",
       f"| train FLOPs/token | {r['train_flops_per_token']:,} |",
       f"| achieved | {r['achieved_tflops'] * 1e3:.2f} GFLOP/s |",
+      f"| dense matmul, same run ({cfg.model.compute_dtype}) | "
+      f"{r['matmul_tflops'] * 1e3:.2f} GFLOP/s |",
+      f"| model FLOP/s / matmul FLOP/s | {100 * r['matmul_ratio']:.1f}% |",
   ]
   if "mfu" in r:
     lines.append(f"| MFU (peak {FLAGS.peak_tflops} TFLOP/s per device) | "
