@@ -9,11 +9,14 @@ Every document is prefixed with BOS, which doubles as the document separator.
 from __future__ import annotations
 
 import hashlib
+import re
 import os
 import tempfile
 from typing import Iterable, Protocol
 
 import numpy as np
+
+from moejax.errors import ConfigError
 
 BYTE_VOCAB_SIZE = 264  # 256 bytes + pad + bos + 6 reserved: divisible by 2, 4, 8
 
@@ -103,16 +106,28 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
       for line in lines:
         f.write(line.rstrip("\n").replace("\n", " ") + "\n")
     prefix = os.path.join(tmp, "sp")
-    spm.SentencePieceTrainer.train(
-        input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
-        character_coverage=1.0, byte_fallback=True, split_digits=True,
-        normalization_rule_name="identity", add_dummy_prefix=False,
-        remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
-        split_by_whitespace=True, max_sentence_length=1 << 16,
-        pad_id=0, bos_id=1, eos_id=-1, unk_id=2, user_defined_symbols=["\n", "\t"],
-        num_threads=2, minloglevel=2, shuffle_input_sentence=False,
-        input_sentence_size=0)
+    try:
+      _train(spm, corpus, prefix, vocab_size)
+    except RuntimeError as e:
+      limit = re.search(r"value <= (\d+)", str(e))
+      if limit is None:
+        raise
+      raise ConfigError(
+          f"The training split is too small for --config.data.vocab_size={vocab_size}; "
+          f"use at most {limit.group(1)}, or the byte tokenizer.") from None
     tmp_model = model_path + ".tmp"
     with open(prefix + ".model", "rb") as src, open(tmp_model, "wb") as dst:
       dst.write(src.read())
     os.replace(tmp_model, model_path)
+
+
+def _train(spm, corpus: str, prefix: str, vocab_size: int) -> None:
+  spm.SentencePieceTrainer.train(
+      input=corpus, model_prefix=prefix, model_type="bpe", vocab_size=vocab_size,
+      character_coverage=1.0, byte_fallback=True, split_digits=True,
+      normalization_rule_name="identity", add_dummy_prefix=False,
+      remove_extra_whitespaces=False, allow_whitespace_only_pieces=True,
+      split_by_whitespace=True, max_sentence_length=1 << 16,
+      pad_id=0, bos_id=1, eos_id=-1, unk_id=2, user_defined_symbols=["\n", "\t"],
+      num_threads=2, minloglevel=2, shuffle_input_sentence=False,
+      input_sentence_size=0)
