@@ -225,13 +225,21 @@ def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float,
 
 
 class _Preemption:
-  """Turns SIGTERM into a flag checked between steps (save, then exit)."""
+  """Turns SIGTERM into a flag checked between steps (save, then exit).
+
+  Single-process runs only. With several processes, each may see the signal at
+  a different step; there JAX's preemption notifier (installed by
+  jax.distributed) and Orbax's `reached_preemption` agree on one step for all,
+  so this handler stays out of the way.
+  """
 
   def __init__(self):
     self.requested = False
     self._previous = None
 
   def __enter__(self):
+    if jax.process_count() > 1:
+      return self
     try:
       self._previous = signal.signal(signal.SIGTERM, self._handle)
     except ValueError:  # not the main thread

@@ -56,9 +56,11 @@ def test_sentencepiece_round_trips_and_counts_bytes_exactly(prepared):
     assert tok.decode(ids) == text
     assert int(tok.bytes_per_token[ids].sum()) == len(text.encode("utf-8"))
     assert len(ids) < len(text.encode("utf-8"))  # it compresses
-  odd = "ünïcödé 🙂\tsnake_case  = 12345\n\n"
+  odd = "ünïcödé 🙂\tsnake_case  = 12345\n\n a\u2581b \u2581\u2581"  # U+2581 is sp's space
   assert tok.decode(tok.encode(odd)) == odd
   assert int(tok.bytes_per_token[tok.encode(odd)].sum()) == len(odd.encode("utf-8"))
+  batch = tok.encode_batch(["plain text", odd, "x = 1"])
+  assert batch == [tok.encode("plain text"), tok.encode(odd), tok.encode("x = 1")]
 
 
 def test_byte_tokenizer_round_trips_and_counts_bytes():

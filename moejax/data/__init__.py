@@ -11,7 +11,7 @@ from __future__ import annotations
 import functools
 import os
 
-from moejax.data import prepare as _prepare
+from moejax.data import preparation as _prepare
 from moejax.data import synthetic as _synthetic
 from moejax.data import tfds_access
 from moejax.data import token_cache
@@ -20,6 +20,7 @@ from moejax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, SentencePieceT
 from moejax.errors import ConfigError
 
 SYNTHETIC = "synthetic"
+
 TOKENIZERS = ("sentencepiece", "byte")
 MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + some merges
 

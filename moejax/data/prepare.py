@@ -1,106 +1,16 @@
-"""Preparing data offline: corpus -> tokenizer -> token caches, each built once.
+"""Command line: prepare a dataset, its tokenizer and token caches, offline.
 
   python3 -m moejax.data.prepare --dataset=stdlib_source [--data_dir=DIR]
       [--tokenizer=sentencepiece --vocab_size=2048]
 
-Several processes on one machine may call `prepare_all` at once (multi-process
-runs): a file lock in data_dir makes one build while the others wait.
+For a TFDS catalog dataset (e.g. lm1b), first build it with
+`tfds build NAME --file_format=array_record --data_dir=DIR` (needs the network
+and TensorFlow); this then trains the tokenizer and caches the token streams.
+The library code is in preparation.py; nothing imports this module.
 """
 
-from __future__ import annotations
-
-import contextlib
-import fcntl
-import json
-import os
-import time
-
-from moejax.data import tfds_access, token_cache
-from moejax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
-
-
-def _log(msg: str) -> None:
-  print(f"data: {msg}", flush=True)
-
-
-@contextlib.contextmanager
-def _file_lock(data_dir: str):
-  if data_dir.startswith("gs://"):
-    yield  # one preparer per bucket is the user's job; reads need no lock
-    return
-  os.makedirs(data_dir, exist_ok=True)
-  with open(os.path.join(data_dir, ".moejax_prepare.lock"), "w") as f:
-    fcntl.flock(f, fcntl.LOCK_EX)
-    try:
-      yield
-    finally:
-      fcntl.flock(f, fcntl.LOCK_UN)
-
-
-def _version(builder) -> str:
-  return str(builder.version)
-
-
-def tokenizer_path(data_cfg, data_dir: str) -> str:
-  builder = tfds_access.get_builder(data_cfg.name, data_dir)
-  name = data_cfg.name.replace("/", "__")
-  return os.path.join(data_dir, "moejax_tokenizers",
-                      f"{name}-{_version(builder)}-sp{data_cfg.vocab_size}.model")
-
-
-def cache_path(data_cfg, data_dir: str, tokenizer, split: str) -> str:
-  builder = tfds_access.get_builder(data_cfg.name, data_dir)
-  d = token_cache.cache_dir(data_dir, data_cfg.name, _version(builder), tokenizer.fingerprint)
-  return os.path.join(d, f"{split.replace('/', '_')}.npy")
-
-
-def _corpus_meta(builder) -> dict:
-  meta = dict(dataset=builder.name, version=_version(builder))
-  extra = getattr(builder.info, "metadata", None) or {}
-  meta.update({k: extra[k] for k in ("fingerprint", "python_version") if k in extra})
-  return meta
-
-
-def prepare_all(data_cfg, data_dir: str) -> None:
-  from moejax.data import load_tokenizer  # the package's own loader
-  with _file_lock(data_dir):
-    builder = tfds_access.get_builder(data_cfg.name, data_dir)
-    if not tfds_access.is_prepared(builder):
-      if data_cfg.name != tfds_access.EMBEDDED:
-        raise RuntimeError(f"{data_cfg.name} is not prepared in {data_dir}")  # check_ready says how
-      start = time.time()
-      _log(f"preparing the embedded corpus (Python standard library source) in {data_dir}")
-      import tensorflow_datasets as tfds
-      tfds.disable_progress_bar()
-      builder.download_and_prepare(
-          download_config=tfds.download.DownloadConfig(try_download_gcs=False))
-      tfds_access.forget_builders()
-      builder = tfds_access.get_builder(data_cfg.name, data_dir)
-      with open(os.path.join(builder.data_path, "corpus.json"), "w") as f:
-        json.dump(_corpus_meta(builder), f, indent=2)
-      _log(f"corpus ready in {time.time() - start:.1f} s: {builder.data_path}")
-    if data_cfg.tokenizer == "sentencepiece":
-      path = tokenizer_path(data_cfg, data_dir)
-      if not os.path.exists(path):
-        start = time.time()
-        _log(f"training a sentencepiece tokenizer (vocab {data_cfg.vocab_size}) on "
-             f"{data_cfg.name}/{data_cfg.train_split}")
-        train_sentencepiece(tfds_access.read_texts(builder, data_cfg.train_split,
-                                                   data_cfg.text_key),
-                            data_cfg.vocab_size, path)
-        _log(f"tokenizer ready in {time.time() - start:.1f} s: {path}")
-    tokenizer = load_tokenizer(data_cfg)
-    for split in (data_cfg.train_split, data_cfg.eval_split):
-      path = cache_path(data_cfg, data_dir, tokenizer, split)
-      if os.path.exists(path) and os.path.exists(path[:-4] + ".json"):
-        continue
-      start = time.time()
-      meta = dict(_corpus_meta(builder), split=split,
-                  tokenizer_fingerprint=tokenizer.fingerprint)
-      info = token_cache.build(path, tfds_access.read_texts(builder, split, data_cfg.text_key),
-                               tokenizer, meta)
-      _log(f"tokenized {split}: {info['documents']:,} documents, {info['tokens']:,} tokens "
-           f"from {info['bytes']:,} bytes in {time.time() - start:.1f} s")
+from moejax.data import preparation
+from moejax.errors import ConfigError
 
 
 def main(argv=None) -> None:
@@ -120,9 +30,12 @@ def main(argv=None) -> None:
   cfg = ml_collections.ConfigDict(dict(defaults))
   cfg.name, cfg.data_dir = args.dataset, args.data_dir
   cfg.tokenizer, cfg.vocab_size, cfg.auto_prepare = args.tokenizer, args.vocab_size, True
-  check_ready(cfg)
-  prepare_all(cfg, resolve_data_dir(cfg))
-  _log(f"done: {cfg.name} is ready in {resolve_data_dir(cfg)}")
+  try:
+    check_ready(cfg)
+    preparation.prepare_all(cfg, resolve_data_dir(cfg))
+  except ConfigError as e:
+    raise SystemExit(f"config error: {e}") from None
+  preparation.log(f"done: {cfg.name} is ready in {resolve_data_dir(cfg)}")
 
 
 if __name__ == "__main__":

@@ -53,10 +53,17 @@ class ByteTokenizer:
 
 
 class SentencePieceTokenizer:
-  """A trained SentencePiece model with pad=0, bos=1 and byte fallback."""
+  """A trained SentencePiece model with pad=0, bos=1 and byte fallback.
+
+  SentencePiece writes spaces as U+2581 ("\u2581"), so a literal U+2581 in the
+  text would come back as a space. Encoding therefore splits the text on it and
+  emits its three UTF-8 bytes as byte-fallback ids; decoding joins a per-id table
+  of the exact bytes each id stands for. Both directions are exact for any text.
+  """
 
   pad_id = 0
   bos_id = 1
+  _MARK = "\u2581"
 
   def __init__(self, model_path: str):
     import sentencepiece as spm
@@ -65,24 +72,34 @@ class SentencePieceTokenizer:
     self.vocab_size = self._sp.get_piece_size()
     with open(model_path, "rb") as f:
       self.fingerprint = hashlib.sha256(f.read()).hexdigest()
-    self.bytes_per_token = np.zeros(self.vocab_size, np.int32)
+    self._bytes: list[bytes] = []
     for i in range(self.vocab_size):
+      piece = self._sp.id_to_piece(i)
       if self._sp.is_control(i) or self._sp.is_unknown(i):
-        continue
-      if self._sp.is_byte(i):
-        self.bytes_per_token[i] = 1
+        self._bytes.append(b"")
+      elif self._sp.is_byte(i):  # pieces "<0xAB>"
+        self._bytes.append(bytes([int(piece[3:5], 16)]))
       else:
-        self.bytes_per_token[i] = len(self._sp.id_to_piece(i).replace("\u2581", " ")
-                                      .encode("utf-8"))
+        self._bytes.append(piece.replace(self._MARK, " ").encode("utf-8"))
+    self.bytes_per_token = np.array([len(b) for b in self._bytes], np.int32)
+    self._mark_ids = [self._sp.piece_to_id(f"<0x{b:02X}>")
+                      for b in self._MARK.encode("utf-8")]
 
   def encode(self, text: str) -> list[int]:
-    return self._sp.encode(text)
+    parts = text.split(self._MARK)
+    ids = list(self._sp.encode(parts[0]))
+    for part in parts[1:]:
+      ids += self._mark_ids
+      ids += self._sp.encode(part)
+    return ids
 
   def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return self._sp.encode(texts)
+    plain = [t for t in texts if self._MARK not in t]
+    fast = iter(self._sp.encode(plain))  # one call for the common case
+    return [next(fast) if self._MARK not in t else self.encode(t) for t in texts]
 
   def decode(self, ids: Iterable[int]) -> str:
-    return self._sp.decode([int(i) for i in ids if i not in (self.pad_id, self.bos_id)])
+    return b"".join(self._bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
