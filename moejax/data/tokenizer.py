@@ -18,6 +18,8 @@ import numpy as np
 
 from moejax.errors import ConfigError
 
+# Bump when encode() changes: token caches are keyed by the tokenizer fingerprint.
+ENCODER_VERSION = b"moejax-sentencepiece-encode-v2"
 BYTE_VOCAB_SIZE = 264  # 256 bytes + pad + bos + 6 reserved: divisible by 2, 4, 8
 
 
@@ -71,7 +73,8 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.vocab_size = self._sp.get_piece_size()
     with open(model_path, "rb") as f:
-      self.fingerprint = hashlib.sha256(f.read()).hexdigest()
+      # The encoding code is part of what a token cache depends on.
+      self.fingerprint = hashlib.sha256(f.read() + ENCODER_VERSION).hexdigest()
     self._bytes: list[bytes] = []
     for i in range(self.vocab_size):
       piece = self._sp.id_to_piece(i)
