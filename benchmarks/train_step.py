@@ -55,11 +55,10 @@ def measure(cfg, steps: int, warmup: int) -> dict:
                       num_processes=jax.process_count())
   data_lib.prepare(cfg.data)
   vocab = data_lib.load_tokenizer(cfg.data).vocab_size
-  it = data_lib.make_train_iterator(cfg.data, seq_len=cfg.data.seq_len,
-                                    global_batch=cfg.train.global_batch, seed=cfg.seed,
-                                    process_index=jax.process_index(),
-                                    process_count=jax.process_count())
   mesh = sharding.make_mesh(cfg.mesh)
+  it = data_lib.make_train_iterator(
+      cfg.data, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch,
+      seed=cfg.seed, rows=sharding.process_batch_rows(mesh, cfg.train.global_batch))
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train))
     state = spec.init()

@@ -42,7 +42,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.num_kv_heads = 2  # grouped-query attention: num_heads % num_kv_heads == 0
   c.model.head_dim = 32
   c.model.ffn_dim = 384  # SwiGLU hidden width
-  c.model.max_seq_len = 1024  # longest sequence the rotary tables are built for
+  c.model.max_seq_len = 1024  # longest training sequence this model accepts
   c.model.rope_theta = 10_000.0
   c.model.tie_embeddings = True
   c.model.norm_eps = 1e-6
@@ -53,7 +53,8 @@ def base_config() -> ml_collections.ConfigDict:
   # --- data ------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; or any TFDS name, e.g. "lm1b"
-  c.data.data_dir = ""  # "" means $TFDS_DATA_DIR, else ~/tensorflow_datasets; gs:// works
+  c.data.data_dir = ""  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets; local path
+                        # (on cloud TPU: a gcsfuse mount of the bucket)
   c.data.text_key = "text"  # feature holding the document text (TFDS datasets)
   c.data.train_split = "train"
   c.data.eval_split = "validation"
@@ -98,7 +99,7 @@ def base_config() -> ml_collections.ConfigDict:
   # --- debugging -------------------------------------------------------------
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = -1  # >= 1 makes that step's loss NaN (tests the guard)
-  c.debug.tensorboard = True  # write TensorBoard events if tensorboardX is installed
+  c.debug.tensorboard = True  # write TensorBoard events (tensorboardX)
   return c
 
 

@@ -24,8 +24,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 # position. Resuming with any of them changed is refused.
 RESUME_FIXED_FIELDS = (
     "model", "data.name", "data.tokenizer", "data.vocab_size", "data.seq_len",
-    "data.train_split", "train.global_batch", "seed",
+    "data.train_split", "data.text_key", "train.global_batch", "seed",
 )
+# What identifies the data itself (recorded by moejax.data.dataset_info): the
+# same config can point at different data (another data_dir, another Python's
+# standard library, a retrained tokenizer).
+RESUME_FIXED_DATA = ("fingerprint", "tokenizer_fingerprint", "train_tokens")
 
 
 def _require(ok: bool, message: str) -> None:
@@ -33,14 +37,18 @@ def _require(ok: bool, message: str) -> None:
     raise ConfigError(message)
 
 
+def _positive(group: str, node, *fields: str) -> None:
+  for field in fields:
+    _require(getattr(node, field) > 0,
+             f"--config.{group}.{field} must be positive, got {getattr(node, field)}.")
+
+
 def _validate_model(m) -> None:
   _require(m.sublayer in sublayers.names(),
            f"Unknown --config.model.sublayer={m.sublayer!r}; choose one of "
            f"{sublayers.names()}.")
-  for field in ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
-                "ffn_dim", "max_seq_len"):
-    _require(int(getattr(m, field)) > 0,
-             f"--config.model.{field} must be positive, got {getattr(m, field)}.")
+  _positive("model", m, "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "ffn_dim", "max_seq_len", "rope_theta", "norm_eps", "init_std")
   _require(m.num_heads % m.num_kv_heads == 0,
            f"--config.model.num_heads={m.num_heads} must be a multiple of "
            f"--config.model.num_kv_heads={m.num_kv_heads} (grouped-query attention).")
@@ -52,19 +60,22 @@ def _validate_model(m) -> None:
 
 
 def _validate_train(t) -> None:
-  _require(t.steps > 0, f"--config.train.steps must be positive, got {t.steps}.")
+  _positive("train", t, "steps", "learning_rate", "global_batch", "log_every",
+            "eval_every", "grad_clip", "eps")
   _require(0 <= t.warmup_steps <= t.steps,
            f"--config.train.warmup_steps={t.warmup_steps} must lie in "
            f"[0, train.steps={t.steps}].")
-  _require(t.learning_rate > 0,
-           f"--config.train.learning_rate must be positive, got {t.learning_rate}.")
   _require(0.0 <= t.min_lr_ratio <= 1.0,
            f"--config.train.min_lr_ratio={t.min_lr_ratio} must lie in [0, 1].")
-  _require(t.global_batch > 0,
-           f"--config.train.global_batch must be positive, got {t.global_batch}.")
-  for field in ("log_every", "eval_every"):
-    _require(getattr(t, field) > 0,
-             f"--config.train.{field} must be positive, got {getattr(t, field)}.")
+  _require(t.weight_decay >= 0,
+           f"--config.train.weight_decay must be >= 0, got {t.weight_decay}.")
+  for field in ("b1", "b2"):
+    _require(0.0 <= getattr(t, field) < 1.0,
+             f"--config.train.{field}={getattr(t, field)} must lie in [0, 1).")
+  for field in ("eval_batches", "final_eval_batches"):
+    _require(getattr(t, field) >= 0,
+             f"--config.train.{field} must be >= 0 (0 = the whole split), got "
+             f"{getattr(t, field)}.")
 
 
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
@@ -119,6 +130,16 @@ def _differences(saved, current, prefix: str) -> list[str]:
                           f"{prefix}.{key}")
     return out
   return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
+
+
+def check_same_data(saved: dict, current: dict, workdir: str) -> None:
+  """Refuses to resume when the data itself changed under the same config."""
+  diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_FIXED_DATA
+           if k in saved and saved.get(k) != current.get(k)]
+  if diffs:
+    raise ConfigError(
+        f"The checkpoint in {workdir} was trained on different data ({'; '.join(diffs)}); "
+        "point data.data_dir at the original data, or use a new --workdir.")
 
 
 def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:

@@ -1,12 +1,14 @@
 """Run outputs: metrics.jsonl, TensorBoard events and JSON files in the workdir.
 
-Only process 0 writes. metrics.jsonl holds one JSON object per logged step; on
-resume, lines past the restored step are dropped so the file reads as one
-uninterrupted run.
+Only process 0 writes. metrics.jsonl holds one JSON object per logged step. A
+run that resumes from step S drops what a killed predecessor logged after S
+(lines in metrics.jsonl; TensorBoard events via purge_step); a run that starts
+from scratch drops everything, so the outputs read as one uninterrupted run.
 """
 
 import json
 import os
+import shutil
 import time
 
 import jax
@@ -33,14 +35,21 @@ def write_json(path: str, obj) -> None:
 class MetricWriter:
   """jsonl always; TensorBoard when tensorboardX is installed and enabled."""
 
-  def __init__(self, workdir: str, *, tensorboard: bool = True):
+  def __init__(self, workdir: str, *, tensorboard: bool = True,
+               resume_step: int | None = None):
     self.active = jax.process_index() == 0
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._tb = None
+    tb_dir = os.path.join(workdir, "tensorboard")
+    if self.active:
+      self.truncate_after(resume_step or 0)
+      if resume_step is None and os.path.isdir(tb_dir):
+        shutil.rmtree(tb_dir)  # events of a run that never checkpointed
     if self.active and tensorboard:
       try:
         from tensorboardX import SummaryWriter  # no TensorFlow needed
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"))
+        self._tb = SummaryWriter(
+            tb_dir, purge_step=None if resume_step is None else resume_step + 1)
       except ImportError:
         logging.info("tensorboardX not installed; writing metrics.jsonl only.")
 

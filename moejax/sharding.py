@@ -121,7 +121,7 @@ def state_shardings(state: Any, mesh: Mesh, rules) -> Any:
 
   def one(var):
     spec = _variable_spec(var, rules)
-    shape = getattr(var.value, "shape", ())
+    shape = var.get_value().shape
     fixed = []
     for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
       if axes is None:
@@ -138,6 +138,25 @@ def state_shardings(state: Any, mesh: Mesh, rules) -> Any:
 def batch_sharding(mesh: Mesh, ndim: int = 2) -> NamedSharding:
   """Sharding of a [batch, seq, ...] input: batch over the data-parallel axes."""
   return NamedSharding(mesh, P(BATCH_AXES, *([None] * (ndim - 1))))
+
+
+def process_batch_rows(mesh: Mesh, global_batch: int) -> tuple[int, int]:
+  """The rows [start, stop) of a global batch that this process's devices hold.
+
+  Processes whose devices are replicas along the batch (e.g. a tensor axis
+  spanning hosts) get the same rows; jax.make_array_from_process_local_data
+  then takes exactly these rows from each process.
+  """
+  index_map = batch_sharding(mesh).addressable_devices_indices_map((global_batch, 1))
+  spans = sorted({(ix[0].start or 0, global_batch if ix[0].stop is None else ix[0].stop)
+                  for ix in index_map.values()})
+  start, stop = spans[0][0], spans[-1][1]
+  covered = sum(b - a for a, b in spans)
+  if covered != stop - start:
+    raise ConfigError(
+        f"This process's devices hold non-contiguous batch rows {spans}; reorder the "
+        "mesh axes so that each host's devices are contiguous along data/fsdp/expert.")
+  return start, stop
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

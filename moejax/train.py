@@ -137,7 +137,7 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
         loss_fn, has_aux=True)(state["params"])
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
 
     def keep_if_ok(new, old):
@@ -271,9 +271,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   latest = ckpt.latest_step()
-  if latest is not None:
-    config_lib.check_resume_compatible(ckpt.read_meta(latest)["config"], cfg_dict,
-                                       workdir)
+  saved_meta = ckpt.read_meta(latest) if latest is not None else None
+  if saved_meta is not None:
+    config_lib.check_resume_compatible(saved_meta["config"], cfg_dict, workdir)
   if process_index == 0:
     write_json(os.path.join(workdir, "config.json"), cfg_dict)
 
@@ -281,21 +281,23 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   data_lib.prepare(cfg.data)
   tokenizer = data_lib.load_tokenizer(cfg.data)
   dataset_info = data_lib.dataset_info(cfg.data)
+  if saved_meta is not None:
+    config_lib.check_same_data(saved_meta.get("dataset", {}), dataset_info, workdir)
   vocab_size = tokenizer.vocab_size
   seq_len, global_batch = cfg.data.seq_len, cfg.train.global_batch
-  train_iter = data_lib.make_train_iterator(
-      cfg.data, seq_len=seq_len, global_batch=global_batch, seed=cfg.seed,
-      process_index=process_index, process_count=num_processes)
-  eval_iter = data_lib.make_eval_iterator(
-      cfg.data, seq_len=seq_len, global_batch=global_batch,
-      process_index=process_index, process_count=num_processes)
 
   # --- budget ---------------------------------------------------------------
   budget = budget_lib.model_budget(cfg, vocab_size)
   tokens_per_step = global_batch * seq_len
 
-  writer = MetricWriter(workdir, tensorboard=cfg.debug.tensorboard)
   mesh = sharding.make_mesh(cfg.mesh)
+  rows = sharding.process_batch_rows(mesh, global_batch)
+  train_iter = data_lib.make_train_iterator(
+      cfg.data, seq_len=seq_len, global_batch=global_batch, seed=cfg.seed, rows=rows)
+  eval_iter = data_lib.make_eval_iterator(
+      cfg.data, seq_len=seq_len, global_batch=global_batch, rows=rows)
+  writer = MetricWriter(workdir, tensorboard=cfg.debug.tensorboard,
+                        resume_step=latest)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     tx = make_optimizer(cfg.train)
     spec = StateSpec(cfg, vocab_size, mesh, tx)
@@ -314,7 +316,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     if latest is not None:
       state, meta = ckpt.restore(latest, spec.abstract_with_shardings())
       train_iter.set_state(meta["data"])
-      writer.truncate_after(latest)
       say(f"Resumed from checkpoint at step {latest}.")
     else:
       state = spec.init()

@@ -95,6 +95,7 @@ def test_missing_or_bad_data_errors_name_the_fix(tmp_path):
   assert "Unknown dataset" in err(**{"data.name": "no_such_dataset_xyz",
                                      "data.data_dir": str(tmp_path)})
   assert "data.tokenizer" in err(**{"data.tokenizer": "wordpiece"})
+  assert "gcsfuse" in err(**{"data.name": "lm1b", "data.data_dir": "gs://bucket/tfds"})
   assert "at least 320" in err(**{"data.name": "stdlib_source",
                                    "data.tokenizer": "sentencepiece", "data.vocab_size": 100})
 

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 
 from tests.helpers import ROOT, TINY_FLAGS, config_flags, losses_by_step, run_py
 
@@ -19,26 +20,32 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path):
+@pytest.mark.parametrize("mesh", [
+    {"mesh.data": -1},  # each process holds half of the batch rows
+    {"mesh.data": 1, "mesh.tensor": -1},  # tensor spans processes: both hold all rows
+])
+def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path, mesh):
+  flags = FLAGS + config_flags(mesh)
   multi_dir, single_dir = str(tmp_path / "multi"), str(tmp_path / "single")
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
   procs = [subprocess.Popen(
-      [sys.executable, os.path.join(ROOT, "run.py"), *FLAGS, f"--workdir={multi_dir}",
+      [sys.executable, os.path.join(ROOT, "run.py"), *flags, f"--workdir={multi_dir}",
        f"--coordinator_address=127.0.0.1:{port}", "--num_processes=2",
        f"--process_id={i}"], env=env, cwd=ROOT, stdout=subprocess.PIPE,
       stderr=subprocess.PIPE, text=True) for i in range(2)]
   outs = [p.communicate(timeout=300) for p in procs]
   for p, (out, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  assert "2 process(es)" in outs[0][0] and "mesh {'data': 4" in outs[0][0]
+  assert "2 process(es)" in outs[0][0]
+  assert ("mesh {'data': 4" if "mesh.tensor" not in mesh else "'tensor': 4}") in outs[0][0]
   assert sorted(os.listdir(os.path.join(multi_dir, "checkpoints"))) == ["3", "6"]
   with open(os.path.join(multi_dir, "final.json")) as f:
     assert json.load(f)["status"] == "completed"
 
   # Same global batch on one process with 4 devices: same losses.
-  single = run_py([*FLAGS, f"--workdir={single_dir}"], devices=4)
+  single = run_py([*flags, f"--workdir={single_dir}"], devices=4)
   assert single.returncode == 0, single.stderr[-3000:]
   a, b = losses_by_step(multi_dir), losses_by_step(single_dir)
   assert sorted(a) == list(range(1, 7))

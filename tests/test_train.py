@@ -61,6 +61,10 @@ def test_validation_errors_are_one_sentence_with_the_fix(tmp_path):
     return message
 
   assert "multiple of 8" in error(**{"train.global_batch": 12})
+  assert "eval_batches must be >= 0" in error(**{"train.eval_batches": -1})
+  assert "grad_clip must be positive" in error(**{"train.grad_clip": -1.0})
+  assert "b2=1.0 must lie in [0, 1)" in error(**{"train.b2": 1.0})
+  assert "rope_theta must be positive" in error(**{"model.rope_theta": 0.0})
   assert "multiple of 4" in error(**{"train.global_batch": 6, "mesh.tensor": 2})
   assert "8 are available" in error(**{"mesh.data": 2, "mesh.fsdp": 2})
   assert "max_seq_len=64" in error(**{"data.seq_len": 128, "model.max_seq_len": 64})
@@ -82,3 +86,21 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
   # A longer schedule is compatible: training continues from step 4.
   final = train_and_evaluate(tiny_config(**{"train.steps": 8}), str(tmp_path))
   assert final["step"] == 8
+
+
+def test_restart_before_any_checkpoint_starts_clean(tmp_path):
+  with pytest.raises(NonFiniteLossError, match="last good checkpoint \\(step None\\)"):
+    train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 3}), str(tmp_path))
+  assert sorted(losses_by_step(str(tmp_path))) == [1, 2, 3]
+  train_and_evaluate(tiny_config(), str(tmp_path))
+  assert sorted(losses_by_step(str(tmp_path))) == list(range(1, 13))  # no duplicates
+
+
+def test_resume_refuses_different_data_under_the_same_config(tmp_path, monkeypatch):
+  import moejax.data as data_lib
+  train_and_evaluate(tiny_config(**{"train.steps": 4}), str(tmp_path))
+  real = data_lib.dataset_info
+  monkeypatch.setattr(data_lib, "dataset_info", lambda c: {
+      **real(c), "tokenizer_fingerprint": "retrained"})
+  with pytest.raises(ConfigError, match="trained on different data.*tokenizer_fingerprint"):
+    train_and_evaluate(tiny_config(**{"train.steps": 8}), str(tmp_path))

@@ -26,8 +26,17 @@ MIN_SENTENCEPIECE_VOCAB = 320  # 256 byte-fallback pieces + specials + some merg
 
 
 def resolve_data_dir(data_cfg) -> str:
+  """data.data_dir, else $TFDS_DATA_DIR, else ~/tensorflow_datasets.
+
+  A local path: tokenizers and token caches are written beside the data and
+  memory-mapped. On a cloud TPU, mount the bucket (gcsfuse) and point here.
+  """
   d = data_cfg.data_dir or os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets"
-  return d if d.startswith("gs://") else os.path.abspath(os.path.expanduser(d))
+  if "://" in d:
+    raise ConfigError(
+        f"--config.data.data_dir={d} is a remote URL, but token caches are memory-mapped "
+        "from local files; mount the bucket (e.g. gcsfuse) and pass the mount path.")
+  return os.path.abspath(os.path.expanduser(d))
 
 
 def vocab_size(data_cfg) -> int:
@@ -98,19 +107,21 @@ def _stream(data_cfg, split: str):
 
 
 def make_train_iterator(data_cfg, *, seq_len, global_batch, seed, process_index=0,
-                        process_count=1) -> BatchIterator:
+                        process_count=1, rows=None) -> BatchIterator:
   return BatchIterator(_stream(data_cfg, data_cfg.train_split), seq_len=seq_len,
                        global_batch=global_batch, seed=seed, shuffle=True,
                        bos_id=load_tokenizer(data_cfg).bos_id,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count,
+                       rows=rows)
 
 
 def make_eval_iterator(data_cfg, *, seq_len, global_batch, process_index=0,
-                       process_count=1) -> BatchIterator:
+                       process_count=1, rows=None) -> BatchIterator:
   return BatchIterator(_stream(data_cfg, data_cfg.eval_split), seq_len=seq_len,
                        global_batch=global_batch, seed=0, shuffle=False,
                        bos_id=load_tokenizer(data_cfg).bos_id,
-                       process_index=process_index, process_count=process_count)
+                       process_index=process_index, process_count=process_count,
+                       rows=rows)
 
 
 def dataset_info(data_cfg) -> dict:

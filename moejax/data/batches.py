@@ -5,7 +5,10 @@ visits them in the order permutation(seed, e) (identity without shuffling);
 global batch b is the windows at positions b*B .. b*B + B - 1 of the epochs laid
 end to end. So the iterator's whole state is the number of batches consumed,
 and a restored iterator yields exactly what an uninterrupted one would.
-Process p of P receives rows [p*B/P, (p+1)*B/P) of each global batch.
+Process p of P receives rows [p*B/P, (p+1)*B/P) of each global batch, or the
+`rows` range it is given: the trainer derives that range from the batch
+sharding, since processes that hold replicas (a `tensor` axis spanning hosts)
+need the same rows.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ class BatchIterator:
 
   def __init__(self, stream: np.ndarray, *, seq_len: int, global_batch: int,
                seed: int, shuffle: bool, bos_id: int, process_index: int = 0,
-               process_count: int = 1):
+               process_count: int = 1, rows: tuple[int, int] | None = None):
     if global_batch % process_count:
       raise ConfigError(
           f"--config.train.global_batch={global_batch} is not divisible by the "
@@ -34,8 +37,10 @@ class BatchIterator:
       raise ConfigError(
           f"The data split holds {len(stream)} tokens, fewer than one sequence of "
           f"--config.data.seq_len={seq_len} + 1; use a shorter seq_len or more data.")
-    rows = global_batch // process_count
-    self._rows = slice(process_index * rows, (process_index + 1) * rows)
+    if rows is None:
+      per = global_batch // process_count
+      rows = (process_index * per, (process_index + 1) * per)
+    self._rows = slice(*rows)
     self.batches_consumed = 0
     self._order_cache: dict[int, np.ndarray] = {}
 

@@ -22,9 +22,6 @@ def log(msg: str) -> None:
 
 @contextlib.contextmanager
 def _file_lock(data_dir: str):
-  if data_dir.startswith("gs://"):
-    yield  # one preparer per bucket is the user's job; reads need no lock
-    return
   os.makedirs(data_dir, exist_ok=True)
   with open(os.path.join(data_dir, ".moejax_prepare.lock"), "w") as f:
     fcntl.flock(f, fcntl.LOCK_EX)
@@ -76,9 +73,10 @@ def prepare_all(data_cfg, data_dir: str) -> None:
       log(f"corpus ready in {time.time() - start:.1f} s: {builder.data_path}")
     corpus_json = os.path.join(builder.data_path, "corpus.json")
     if data_cfg.name == tfds_access.EMBEDDED and not os.path.exists(corpus_json):
-      with open(corpus_json + ".tmp", "w") as f:
+      tmp = f"{corpus_json}.{os.getpid()}.tmp"  # unique per process
+      with open(tmp, "w") as f:
         json.dump(_corpus_meta(builder), f, indent=2)
-      os.replace(corpus_json + ".tmp", corpus_json)
+      os.replace(tmp, corpus_json)
     if data_cfg.tokenizer == "sentencepiece":
       path = tokenizer_path(data_cfg, data_dir)
       if not os.path.exists(path):

@@ -54,14 +54,15 @@ def build(path: str, texts, tokenizer, meta: dict, *, chunk: int = 1024) -> dict
     flush()
   stream = np.concatenate(parts) if parts else np.zeros((0,), dtype)
   os.makedirs(os.path.dirname(path), exist_ok=True)
-  tmp = path + ".tmp.npy"
+  tmp = f"{path[:-4]}.{os.getpid()}.tmp.npy"  # unique per process (several hosts)
   np.save(tmp, stream)
   os.replace(tmp, path)
   info = dict(meta, documents=docs, tokens=int(stream.size), bytes=int(nbytes),
               tokenize_seconds=round(time.time() - start, 2))
-  with open(path[:-4] + ".json.tmp", "w") as f:
+  tmp_json = f"{path[:-4]}.{os.getpid()}.tmp.json"
+  with open(tmp_json, "w") as f:
     json.dump(info, f, indent=2, sort_keys=True)
-  os.replace(path[:-4] + ".json.tmp", path[:-4] + ".json")
+  os.replace(tmp_json, path[:-4] + ".json")
   return info
 
 

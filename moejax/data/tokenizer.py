@@ -135,7 +135,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
       raise ConfigError(
           f"The training split is too small for --config.data.vocab_size={vocab_size}; "
           f"use at most {limit.group(1)}, or the byte tokenizer.") from None
-    tmp_model = model_path + ".tmp"
+    tmp_model = f"{model_path}.{os.getpid()}.tmp"  # unique per process
     with open(prefix + ".model", "rb") as src, open(tmp_model, "wb") as dst:
       dst.write(src.read())
     os.replace(tmp_model, model_path)

@@ -41,7 +41,7 @@ class Attention(nnx.Module):
     b, s = x.shape[:2]
     g = self.num_heads // self.num_kv_heads
     q = q.reshape(b, s, self.num_kv_heads, g, self.head_dim)
-    scores = jnp.einsum("bqngk,bsnk->bngqs", q, k).astype(jnp.float32)
+    scores = jnp.einsum("bqngk,bsnk->bngqs", q, k, preferred_element_type=jnp.float32)
     scores = scores / math.sqrt(self.head_dim)
     causal = jnp.tril(jnp.ones((s, s), dtype=bool))
     same_doc = segment_ids[:, :, None] == segment_ids[:, None, :]

@@ -78,9 +78,13 @@ class Transformer(nnx.Module):
                      loop_index=None, train=train)
       per_layer.append(aux)
     x = self.final_norm(x)
+    # Logits accumulate in float32 even with bf16 inputs: at |logit| ~ 10 a bf16
+    # result would be rounded to 1/16 before the loss sees it.
     if self.tie_embeddings:
-      logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype))
+      logits = jnp.einsum("bsd,vd->bsv", x, self.embed[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
     else:
-      logits = x @ self.unembed[...].astype(self.dtype)
+      logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
+                          preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "vocab"))
     return logits.astype(jnp.float32), combine_aux(per_layer)
