@@ -110,3 +110,21 @@ def test_synthetic_stream_is_deterministic_and_learnable():
   counts = np.bincount(pairs, minlength=256 * 256).reshape(256, 256)
   top = counts.max(1).sum() / counts.sum()
   assert 0.6 < top < 0.8
+
+
+def test_a_corpus_prepared_from_other_files_is_refused(prepared, tmp_path):
+  import json
+  import shutil
+  src = data.resolve_data_dir(prepared)
+  copy = tmp_path / "copy"
+  shutil.copytree(src, copy)
+  meta_path = copy / "stdlib_source" / "1.0.0" / "metadata.json"
+  meta = json.loads(meta_path.read_text())
+  meta["fingerprint"] = "0" * 64  # as if another Python's stdlib had been prepared
+  meta_path.write_text(json.dumps(meta))
+  cfg = tiny_config(**{"data.name": "stdlib_source", "data.tokenizer": "sentencepiece",
+                       "data.vocab_size": 512, "data.data_dir": str(copy)}).data
+  data.tfds_access.forget_builders()
+  with pytest.raises(ConfigError, match="prepared from other files.*delete that folder"):
+    data.check_ready(cfg)
+  data.check_ready(prepared)  # the untouched original passes

@@ -12,6 +12,7 @@ import functools
 import os
 
 from moejax.data import preparation as _prepare
+from moejax.data import stdlib_corpus as _stdlib_corpus
 from moejax.data import synthetic as _synthetic
 from moejax.data import tfds_access
 from moejax.data import token_cache
@@ -64,6 +65,15 @@ def check_ready(data_cfg) -> None:
           f"The embedded corpus is not prepared in {data_dir} and "
           "data.auto_prepare is off; prepare it with: python3 -m moejax.data.prepare "
           f"--dataset={data_cfg.name} --data_dir={data_dir}")
+    if tfds_access.is_prepared(builder):
+      recorded = (builder.info.metadata or {}).get("fingerprint")
+      current = _stdlib_corpus.corpus_fingerprint()
+      if recorded != current:
+        raise ConfigError(
+            f"The embedded corpus in {builder.data_path} was prepared from other files "
+            f"(fingerprint {str(recorded)[:12]} vs {current[:12]} for this Python's "
+            "standard library: another Python or an older moejax built it); delete that "
+            "folder to rebuild it, or set --config.data.data_dir elsewhere.")
     return
   if not tfds_access.is_prepared(builder):
     raise ConfigError(

@@ -36,10 +36,14 @@ def _version(builder) -> str:
 
 
 def tokenizer_path(data_cfg, data_dir: str) -> str:
+  """Keyed by dataset, version, content fingerprint (where recorded) and vocab:
+  a rebuilt corpus with other content never reuses a tokenizer trained on the old."""
   builder = tfds_access.get_builder(data_cfg.name, data_dir)
   name = data_cfg.name.replace("/", "__")
+  fingerprint = (builder.info.metadata or {}).get("fingerprint")
+  content = f"-{fingerprint[:12]}" if fingerprint else ""
   return os.path.join(data_dir, "moejax_tokenizers",
-                      f"{name}-{_version(builder)}-sp{data_cfg.vocab_size}.model")
+                      f"{name}-{_version(builder)}{content}-sp{data_cfg.vocab_size}.model")
 
 
 def cache_path(data_cfg, data_dir: str, tokenizer, split: str) -> str:
