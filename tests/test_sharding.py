@@ -60,15 +60,14 @@ def _train_losses(cfg, devices, batches):
     spec = StateSpec(cfg, 264, mesh, make_optimizer(cfg.train))
     state = spec.init()
     step = make_train_step(spec, cfg)
-    losses, shardings = [], None
+    losses = []
     for b in batches:
       state, m = step(state, {k: jax.device_put(v, sharding.batch_sharding(mesh))
                               for k, v in b.items()})
       losses.append(float(m["loss"]))
     w = state["params"]["blocks"][0]["ffn"]["w_gate"]
-    shardings = w[...].sharding.spec
     params = jax.device_get(jax.tree.leaves(state["params"]))
-  return np.array(losses), params, shardings
+  return np.array(losses), params, w[...].sharding.spec
 
 
 def test_2x2x2_mesh_equals_one_device_over_several_steps():

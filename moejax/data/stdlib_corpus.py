@@ -11,6 +11,7 @@ dataset's metadata and in `corpus.json` beside the prepared files.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import pathlib
 import platform
@@ -37,7 +38,9 @@ def split_of(relative_path: str) -> str:
   return "validation" if digest % 100 < VALIDATION_PERCENT else "train"
 
 
+@functools.lru_cache(maxsize=4)
 def corpus_fingerprint(root: pathlib.Path | None = None) -> str:
+  """sha256 over sorted (path, sha256(content)); cached: it reads every file."""
   root = root or stdlib_root()
   h = hashlib.sha256()
   for p in source_files(root):

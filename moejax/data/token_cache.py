@@ -17,6 +17,8 @@ import time
 import numpy as np
 from absl import logging
 
+from moejax.data.packing import concat_documents
+
 
 def cache_dir(data_dir: str, dataset: str, version: str, tokenizer_fingerprint: str) -> str:
   return os.path.join(data_dir, "moejax_cache", dataset.replace("/", "__"), str(version),
@@ -30,16 +32,12 @@ def stream_dtype(vocab_size: int):
 def build(path: str, texts, tokenizer, meta: dict, *, chunk: int = 1024) -> dict:
   """Tokenizes `texts` into `path` (.npy) and writes the .json sidecar."""
   dtype = stream_dtype(tokenizer.vocab_size)
-  encode_batch = getattr(tokenizer, "encode_batch", None) or (
-      lambda batch: [tokenizer.encode(t) for t in batch])
   parts, docs, nbytes, start = [], 0, 0, time.time()
   batch: list[str] = []
 
   def flush():
     nonlocal docs, nbytes
-    for ids in encode_batch(batch):
-      parts.append(np.asarray([tokenizer.bos_id], dtype))
-      parts.append(np.asarray(ids, dtype))
+    parts.append(concat_documents(tokenizer.encode_batch(batch), tokenizer.bos_id, dtype))
     docs += len(batch)
     nbytes += sum(len(t.encode("utf-8")) for t in batch)
     batch.clear()

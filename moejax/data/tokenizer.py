@@ -32,6 +32,8 @@ class Tokenizer(Protocol):
 
   def encode(self, text: str) -> list[int]: ...
 
+  def encode_batch(self, texts: list[str]) -> list[list[int]]: ...
+
   def decode(self, ids: Iterable[int]) -> str: ...
 
 
@@ -49,6 +51,9 @@ class ByteTokenizer:
 
   def encode(self, text: str) -> list[int]:
     return list(text.encode("utf-8"))
+
+  def encode_batch(self, texts: list[str]) -> list[list[int]]:
+    return [self.encode(t) for t in texts]
 
   def decode(self, ids: Iterable[int]) -> str:
     return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")
