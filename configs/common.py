@@ -50,6 +50,25 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.init_std = 0.02
 
+  # --- MoE sublayer (model.sublayer = "moe"); see moejax/model/moe.py -------
+  c.moe = ml_collections.ConfigDict()
+  c.moe.num_experts = 8
+  c.moe.top_k = 2
+  c.moe.expert_ffn_dim = 192  # SwiGLU width of one routed expert
+  c.moe.num_shared_experts = 0  # always-on experts (DeepSeekMoE), each expert_ffn_dim wide
+  c.moe.score_fn = "softmax"  # router scores: "softmax" or "sigmoid" (fp32)
+  c.moe.renormalize = True  # divide the k selected scores by their sum
+  c.moe.routed_scaling_factor = 1.0  # multiplies the routed output (DeepSeek-V3: 2.5)
+  c.moe.load_balance_coef = 0.01  # global-batch load-balance loss weight (0 = off)
+  c.moe.z_loss_coef = 1e-3  # router z-loss weight (0 = off)
+  c.moe.bias_update_rate = 0.0  # aux-loss-free balancing: bias += rate * sign(load error)
+  c.moe.backend = "sorted"  # dispatch: "sorted", "ragged_dot" or "capacity"
+  c.moe.block_size = 0  # rows per block of the sorted backend; 0 = chosen from the load
+  c.moe.capacity_factor = 1.25  # "capacity" backend: slots per expert = cf * T * k / E
+  c.moe.ep_capacity_factor = 0.0  # expert parallelism: rows sent to each expert shard,
+                                  # as a multiple of the balanced share; 0 = dropless
+  c.moe.first_dense_layers = 0  # the first N blocks keep a dense FFN (DeepSeekMoE)
+
   # --- data ------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; or any TFDS name, e.g. "lm1b"

@@ -8,23 +8,51 @@ Conventions (those of PaLM and MaxText, so MFU numbers compare):
   * embedding lookups are free; the unembedding is a matmul (tied or not);
   * "active" parameters are those one token's forward pass multiplies with
     (for a dense model, all but the input embedding when untied).
-Each FFN sublayer registers its own budget function here next to its builder's
-name in moejax/model/sublayers.py.
+  * MoE: the router matmul (2*d*E) is counted, and so is moving data: each
+    element a token's rows are gathered into (dispatch) and read back from
+    (combine) counts one operation, and the weighted sum over k two, i.e.
+    4*k*d per token. They are listed apart ("dispatch") so they can be excluded.
+Each FFN sublayer registers a budget function fn(cfg, layer_index) here under
+its builder's name in moejax/model/sublayers.py; extra keys it returns are
+summed over layers into the breakdown.
 """
 
 from moejax import data as data_lib
 from moejax.registry import Registry
 
-# name -> fn(cfg) -> dict(params=..., active_params=..., flops_per_token=...)
+# name -> fn(cfg, layer_index) -> dict(params=, active_params=, flops_per_token=, ...)
 SUBLAYER_BUDGETS: Registry = Registry("sublayer budget")
 register = SUBLAYER_BUDGETS.register
 
 
-@register("dense")
-def _dense_budget(cfg) -> dict:
-  d, f = cfg.model.d_model, cfg.model.ffn_dim
-  p = 3 * d * f
+def swiglu_budget(d_model: int, width: int) -> dict:
+  p = 3 * d_model * width
   return dict(params=p, active_params=p, flops_per_token=2 * p)
+
+
+@register("dense")
+def _dense_budget(cfg, layer_index) -> dict:
+  del layer_index
+  return swiglu_budget(cfg.model.d_model, cfg.model.ffn_dim)
+
+
+@register("moe")
+def _moe_budget(cfg, layer_index) -> dict:
+  e, d = cfg.moe, cfg.model.d_model
+  if layer_index < e.first_dense_layers:
+    return _dense_budget(cfg, layer_index)
+  expert = swiglu_budget(d, e.expert_ffn_dim)
+  shared = swiglu_budget(d, e.num_shared_experts * e.expert_ffn_dim)
+  router = d * e.num_experts
+  router_flops = 2 * router
+  expert_flops = (e.top_k * expert["flops_per_token"] + shared["flops_per_token"])
+  dispatch_ops = 4 * e.top_k * d
+  return dict(
+      params=router + e.num_experts * expert["params"] + shared["params"],
+      active_params=router + e.top_k * expert["params"] + shared["params"],
+      flops_per_token=router_flops + expert_flops + dispatch_ops,
+      router_flops_per_token=router_flops, expert_flops_per_token=expert_flops,
+      dispatch_ops_per_token=dispatch_ops)
 
 
 def attention_budget(cfg) -> dict:
@@ -38,17 +66,19 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
   """Totals for the whole decoder; see the module docstring for conventions."""
   m = cfg.model
   vocab = vocab_size or data_lib.vocab_size(cfg.data)
-  ffn = SUBLAYER_BUDGETS.get(m.sublayer)(cfg)
+  fn = SUBLAYER_BUDGETS.get(m.sublayer)
+  per_layer = [fn(cfg, i) for i in range(m.num_layers)]
+  ffn = {k: sum(b.get(k, 0) for b in per_layer) for b in per_layer for k in b}
   attn = attention_budget(cfg)
   norms = (2 * m.num_layers + 1) * m.d_model
   embed = vocab * m.d_model
   unembed = 0 if m.tie_embeddings else vocab * m.d_model
-  layers_params = m.num_layers * (attn["params"] + ffn["params"])
-  layers_active = m.num_layers * (attn["active_params"] + ffn["active_params"])
+  layers_params = m.num_layers * attn["params"] + ffn["params"]
+  layers_active = m.num_layers * attn["active_params"] + ffn["active_params"]
   total = embed + unembed + layers_params + norms
   # One token multiplies with the unembedding (which is the embedding when tied).
   active = layers_active + norms + vocab * m.d_model
-  fwd = m.num_layers * (attn["flops_per_token"] + ffn["flops_per_token"])
+  fwd = m.num_layers * attn["flops_per_token"] + ffn["flops_per_token"]
   fwd += 2 * vocab * m.d_model
   return dict(
       params=int(total),
@@ -56,6 +86,8 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
       active_params=int(active),
       forward_flops_per_token=int(fwd),
       train_flops_per_token=int(3 * fwd),
+      ffn_breakdown={k: int(v) for k, v in ffn.items()
+                     if k not in ("params", "active_params", "flops_per_token")},
   )
 
 

@@ -78,6 +78,45 @@ def _validate_train(t) -> None:
              f"{getattr(t, field)}.")
 
 
+def _validate_moe(cfg, axes: dict) -> None:
+  """Checks cfg.moe when the model uses the "moe" sublayer."""
+  from moejax import dispatch  # pylint: disable=import-outside-toplevel
+  e = cfg.moe
+  _positive("moe", e, "num_experts", "top_k", "expert_ffn_dim")
+  _require(e.top_k <= e.num_experts,
+           f"--config.moe.top_k={e.top_k} exceeds --config.moe.num_experts="
+           f"{e.num_experts}; choose top_k <= num_experts.")
+  _require(e.score_fn in ("softmax", "sigmoid"),
+           f"--config.moe.score_fn={e.score_fn!r} is not 'softmax' or 'sigmoid'.")
+  _require(e.backend in dispatch.BACKENDS,
+           f"Unknown --config.moe.backend={e.backend!r}; choose one of "
+           f"{dispatch.BACKENDS.names()}.")
+  _require(e.num_shared_experts >= 0,
+           f"--config.moe.num_shared_experts must be >= 0, got {e.num_shared_experts}.")
+  for field in ("load_balance_coef", "z_loss_coef", "bias_update_rate", "block_size",
+                "ep_capacity_factor"):
+    _require(getattr(e, field) >= 0,
+             f"--config.moe.{field} must be >= 0, got {getattr(e, field)}.")
+  _require(e.routed_scaling_factor > 0,
+           f"--config.moe.routed_scaling_factor must be positive, got "
+           f"{e.routed_scaling_factor}.")
+  _require(e.backend != "capacity" or e.capacity_factor > 0,
+           f"--config.moe.capacity_factor must be positive for the capacity backend, "
+           f"got {e.capacity_factor}.")
+  _require(0 <= e.first_dense_layers <= cfg.model.num_layers,
+           f"--config.moe.first_dense_layers={e.first_dense_layers} must lie in "
+           f"[0, model.num_layers={cfg.model.num_layers}].")
+  ep = axes["expert"]
+  _require(e.num_experts % ep == 0,
+           f"--config.moe.num_experts={e.num_experts} is not divisible by the expert "
+           f"mesh axis ({ep}); use a multiple of {ep} experts or change "
+           "--config.mesh.expert.")
+  _require(ep == 1 or e.backend in dispatch.DROPLESS,
+           f"--config.moe.backend={e.backend!r} runs without expert parallelism; with "
+           f"--config.mesh.expert={ep} use one of {sorted(dispatch.DROPLESS)} (and "
+           "--config.moe.ep_capacity_factor to cap the exchange).")
+
+
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int = 1, check_data: bool = True) -> tuple[int, ...]:
   """Checks `cfg` for `num_devices` devices; returns the resolved mesh shape."""
@@ -99,6 +138,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
   _require(cfg.train.global_batch % num_processes == 0,
            f"--config.train.global_batch={cfg.train.global_batch} is not divisible "
            f"by the {num_processes} processes; use a multiple of {num_processes}.")
+  if cfg.model.sublayer == "moe":
+    _validate_moe(cfg, axes)
   _require(cfg.checkpoint.keep >= 1,
            f"--config.checkpoint.keep must be at least 1, got {cfg.checkpoint.keep}.")
   _require(cfg.checkpoint.every > 0,

@@ -45,6 +45,8 @@ def report(cfg) -> dict:
   print(f"active/token    {b['active_params']:,} ({fmt(b['active_params'])})")
   print(f"FLOPs/token     forward {fmt(b['forward_flops_per_token'])}, "
         f"train {fmt(b['train_flops_per_token'])}")
+  for key, value in b["ffn_breakdown"].items():
+    print(f"  {key:<26s}{fmt(value)} (summed over layers)")
   print(f"mesh            {dict(mesh.shape)} over {jax.device_count()} device(s)")
   print(f"memory/device   params {params_bytes / 2**20:.1f} MiB + optimizer "
         f"{opt_bytes / 2**20:.1f} MiB (activations not included)")

@@ -79,8 +79,21 @@ class MetricWriter:
       f.write(json.dumps(row, sort_keys=True) + "\n")
     if self._tb is not None:
       for k, v in row.items():
-        if k not in ("step", "time") and isinstance(v, (int, float)):
+        if k in ("step", "time"):
+          continue
+        if isinstance(v, (int, float)):
           self._tb.add_scalar(k, v, int(step))
+        elif isinstance(v, list) and v and all(isinstance(x, (int, float)) for x in v):
+          self._add_bars(k, v, int(step))  # e.g. per-expert load
+
+  def _add_bars(self, tag: str, values: list, step: int) -> None:
+    """A vector as a TensorBoard histogram with one bucket per index."""
+    v = np.asarray(values, np.float64)
+    idx = np.arange(len(v), dtype=np.float64)
+    self._tb.add_histogram_raw(
+        tag, min=0.0, max=float(len(v) - 1), num=float(v.sum()),
+        sum=float((idx * v).sum()), sum_squares=float((idx * idx * v).sum()),
+        bucket_limits=(idx + 0.5).tolist(), bucket_counts=v.tolist(), global_step=step)
 
   def write_text(self, tag: str, text: str) -> None:
     if self._tb is not None:

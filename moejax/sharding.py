@@ -167,17 +167,25 @@ def replicated(mesh: Mesh) -> NamedSharding:
 # The rules table is needed inside model code; it is set once per mesh context
 # instead of being threaded through every module.
 _ACTIVE_RULES: list[tuple] = []
+_ACTIVE_MESHES: list[Mesh] = []
 
 
 @contextlib.contextmanager
 def use_mesh(mesh: Mesh, rules):
   """Enters `mesh` (jax.set_mesh) and makes `rules` the active logical rules."""
   _ACTIVE_RULES.append(tuple(rules))
+  _ACTIVE_MESHES.append(mesh)
   try:
     with jax.set_mesh(mesh):
       yield mesh
   finally:
     _ACTIVE_RULES.pop()
+    _ACTIVE_MESHES.pop()
+
+
+def active_mesh() -> Mesh | None:
+  """The mesh entered with `use_mesh`, or None (modules then run unsharded)."""
+  return _ACTIVE_MESHES[-1] if _ACTIVE_MESHES else None
 
 
 def constrain(x: jax.Array, logical_axes: Sequence[str | None]) -> jax.Array:

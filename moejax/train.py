@@ -120,8 +120,11 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
   nan_step = int(cfg.debug.inject_nan_at_step)
 
   def train_step(state, batch):
-    def loss_fn(params):
-      model = nnx.merge(graphdef, params, state["model_state"])
+    def loss_fn(params, model_state):
+      # Fresh variables for this trace: the forward pass may update model state
+      # (e.g. router biases), and nnx refuses to mutate variables of an outer trace.
+      model_state = jax.tree.map(lambda v: v, model_state)
+      model = nnx.merge(graphdef, params, model_state)
       logits, aux = model(batch["inputs"], positions=batch["positions"],
                           segment_ids=batch["segment_ids"], train=True)
       nll_sum, w_sum = cross_entropy(logits, batch["targets"], batch["weights"])
@@ -134,7 +137,7 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
       return loss, (ce, aux_metrics, new_model_state)
 
     (loss, (ce, aux_metrics, new_ms)), grads = jax.value_and_grad(
-        loss_fn, has_aux=True)(state["params"])
+        loss_fn, has_aux=True)(state["params"], state["model_state"])
     updates, new_opt = tx.update(grads, state["opt_state"], state["params"])
     new_params = optax.apply_updates(state["params"], updates)
     grad_norm = optax.tree.norm(grads)
@@ -219,7 +222,8 @@ def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float,
   parts = [f"step {step:>6d}/{total}", f"loss {metrics['loss']:.4f}",
            f"{tokens_per_s:,.0f} tok/s", f"ETA {format_duration(eta_s)}",
            f"lr {metrics['lr']:.2e}", f"|g| {metrics['grad_norm']:.2f}"]
-  health = {k: v for k, v in metrics.items() if k.startswith("aux/")}
+  health = {k: v for k, v in metrics.items()
+            if k.startswith("aux/") and np.ndim(v) == 0}
   parts += [f"{k[4:]} {v:.3g}" for k, v in sorted(health.items())]
   return " | ".join(parts)
 
@@ -378,7 +382,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
           step_time = elapsed / interval_steps
           if step > start_step + interval_steps or steady_step_time is None:
             steady_step_time = step_time  # the first interval includes compilation
-          last_metrics = {k: float(np.mean([m[k] for m in fetched])) for k in fetched[0]}
+          # Mean over the steps since the last log; vectors (per-expert load) stay vectors.
+          last_metrics = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
+          last_metrics = {k: (float(v) if np.ndim(v) == 0 else v)
+                          for k, v in last_metrics.items()}
           last_metrics["perf/tokens_per_s"] = tokens_per_step / step_time
           last_metrics["perf/step_time_s"] = step_time
           last_metrics["perf/input_wait_frac"] = input_wait / elapsed

@@ -30,3 +30,11 @@ def _dense(cfg, layer_index, rngs):
   m = cfg.model
   return SwiGLU(m.d_model, m.ffn_dim, init_std=m.init_std, num_layers=m.num_layers,
                 rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
+
+
+@register("moe")
+def _moe(cfg, layer_index, rngs):
+  from moejax.model.moe import MoE  # pylint: disable=import-outside-toplevel
+  if layer_index < cfg.moe.first_dense_layers:
+    return _dense(cfg, layer_index, rngs)
+  return MoE(cfg, layer_index, rngs)

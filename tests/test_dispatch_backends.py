@@ -1,0 +1,331 @@
+"""Every dispatch backend against the per-token loop of tests/moe_reference.py.
+
+Values and gradients (wrt x, w_gate, w_up, w_down, combine_weights) of each
+backend run in float32 are compared with the naive loop run in float64. The
+capacity backend with a small capacity factor is compared with the GShard
+capacity reference, dropped-pair count included. Then the MoE layer: dropless
+evaluation, dropped fraction in training, shared experts.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from moejax import dispatch
+from moejax.model import sublayers
+from tests import moe_reference as ref
+from tests.helpers import tiny_config
+
+D, F = 8, 6  # one d_model / expert width for every case: the eager reference reuses
+             # its compiled ops across cases
+
+# name -> (tokens, experts, top_k, kind)
+CASES = {
+    "random_k2": (13, 4, 2, "random"),
+    "random_k1": (11, 4, 1, "random"),
+    "random_k3": (9, 5, 3, "random"),
+    "empty_experts": (10, 6, 2, "subset"),      # only experts 1 and 4 receive pairs
+    "one_expert_k1": (12, 4, 1, "one"),         # every token to expert 2
+    "one_expert_both_slots": (7, 4, 2, "one"),  # both slots of every token to expert 2
+    "no_expert_pairs": (13, 4, 2, "some_none"), # ~1/3 of the pairs have id E
+    "all_no_expert": (5, 4, 2, "all_none"),
+    "single_token": (1, 4, 2, "random"),
+}
+
+
+def _make_idx(rng, num_tokens, num_experts, k, kind):
+  if kind == "random":
+    return np.stack([rng.permutation(num_experts)[:k] for _ in range(num_tokens)])
+  if kind == "subset":
+    return np.stack([rng.permutation([1, 4])[:k] for _ in range(num_tokens)])
+  if kind == "one":
+    return np.full((num_tokens, k), 2)
+  if kind == "some_none":
+    idx = np.stack([rng.permutation(num_experts)[:k] for _ in range(num_tokens)])
+    return np.where(rng.random(idx.shape) < 0.35, num_experts, idx)
+  if kind == "all_none":
+    return np.full((num_tokens, k), num_experts)
+  raise ValueError(kind)
+
+
+@functools.lru_cache(maxsize=None)
+def _case(name):
+  """float64 numpy inputs for one case (deterministic) and a cotangent for y."""
+  num_tokens, num_experts, k, kind = CASES[name]
+  rng = np.random.default_rng(sorted(CASES).index(name))
+  idx = _make_idx(rng, num_tokens, num_experts, k, kind).astype(np.int32)
+  x = rng.normal(size=(num_tokens, D))
+  cw = rng.uniform(0.1, 1.0, size=(num_tokens, k))
+  wg = rng.normal(size=(num_experts, D, F)) / np.sqrt(D)
+  wu = rng.normal(size=(num_experts, D, F)) / np.sqrt(D)
+  wd = rng.normal(size=(num_experts, F, D)) / np.sqrt(F)
+  cot = rng.normal(size=(num_tokens, D))
+  # Round the inputs to float32 so both sides see the same numbers.
+  f32 = lambda a: np.asarray(a, np.float32).astype(np.float64)
+  return dict(idx=idx, x=f32(x), cw=f32(cw), wg=f32(wg), wu=f32(wu), wd=f32(wd),
+              cot=f32(cot), E=num_experts)
+
+
+def _ref_value_and_grads(c, idx, fn=ref.per_token_moe):
+  """Reference in float64: y and d<y, cot>/d(x, cw, wg, wu, wd)."""
+  with jax.enable_x64(True):
+    args = [jnp.asarray(c[n], jnp.float64) for n in ("x", "cw", "wg", "wu", "wd")]
+    cot = jnp.asarray(c["cot"], jnp.float64)
+
+    def f(x, cw, wg, wu, wd):
+      return fn(x, idx, cw, wg, wu, wd)
+
+    def loss(*a):
+      return jnp.sum(f(*a) * cot)
+
+    y = f(*args)
+    assert y.dtype == jnp.float64
+    grads = jax.grad(loss, argnums=(0, 1, 2, 3, 4))(*args)
+    return np.asarray(y), [np.asarray(g) for g in grads]
+
+
+@functools.lru_cache(maxsize=None)
+def _reference(name):
+  c = _case(name)
+  return _ref_value_and_grads(c, c["idx"])
+
+
+@functools.lru_cache(maxsize=None)
+def _capacity_ref(name, cf):
+  c = _case(name)
+  kept, dropped = ref.capacity_kept(c["idx"], c["E"], cf)
+  idx_kept = np.where(kept, c["idx"], c["E"])
+  y, grads = _ref_value_and_grads(c, idx_kept)
+  # capacity_reference itself must agree with the kept mask used above.
+  y2, dropped2 = ref.capacity_reference(
+      *(jnp.asarray(c[n], jnp.float32) for n in ("x",)), c["idx"],
+      *(jnp.asarray(c[n], jnp.float32) for n in ("cw", "wg", "wu", "wd")),
+      capacity_factor=cf)
+  assert dropped2 == dropped
+  _close(np.asarray(y2), y)
+  return y, grads, dropped
+
+
+def _backend_value_and_grads(backend, c, **kw):
+  """float32 backend: (y, grads in the order x, cw, wg, wu, wd, dropped)."""
+  args = [jnp.asarray(c[n], jnp.float32) for n in ("x", "cw", "wg", "wu", "wd")]
+  idx = jnp.asarray(c["idx"])
+  cot = jnp.asarray(c["cot"], jnp.float32)
+
+  def loss(x, cw, wg, wu, wd):
+    y, dropped = dispatch.expert_ffn(backend, x, idx, cw, wg, wu, wd, **kw)
+    return jnp.sum(y * cot), (y, dropped)
+
+  (_, (y, dropped)), grads = jax.value_and_grad(
+      loss, argnums=(0, 1, 2, 3, 4), has_aux=True)(*args)
+  assert y.dtype == jnp.float32 and y.shape == c["x"].shape
+  return np.asarray(y), [np.asarray(g) for g in grads], int(dropped)
+
+
+def _close(got, want, rtol=2e-5):
+  """Relative to the largest entry (float32 vs float64 summation order)."""
+  scale = max(float(np.max(np.abs(want))) if want.size else 0.0, 1e-6)
+  np.testing.assert_allclose(got, want, rtol=rtol, atol=rtol * scale)
+
+
+GRAD_NAMES = ("x", "combine_weights", "w_gate", "w_up", "w_down")
+
+BACKEND_SETTINGS = {
+    "sorted_auto_block": ("sorted", dict(block_size=0)),
+    "sorted_block4": ("sorted", dict(block_size=4)),
+    "sorted_block8": ("sorted", dict(block_size=8)),
+    "ragged_dot": ("ragged_dot", {}),
+    "capacity_large_cf": ("capacity", None),  # capacity_factor set per case: no drops
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+@pytest.mark.parametrize("setting", sorted(BACKEND_SETTINGS))
+def test_dropless_backend_matches_per_token_loop(setting, case):
+  backend, kw = BACKEND_SETTINGS[setting]
+  c = _case(case)
+  if kw is None:
+    # C = ceil(cf * T * k / E) = T * k: no expert can overflow.
+    kw = dict(capacity_factor=float(c["E"]))
+  want_y, want_grads = _reference(case)
+  got_y, got_grads, dropped = _backend_value_and_grads(backend, c, **kw)
+  assert dropped == 0
+  _close(got_y, want_y)
+  for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
+    try:
+      _close(g, w)
+    except AssertionError as e:
+      raise AssertionError(f"gradient wrt {name}: {e}") from None
+  # Pairs without an expert give nothing and get no gradient.
+  none = c["idx"] == c["E"]
+  assert np.all(got_grads[1][none] == 0)
+  if none.all():
+    assert np.all(got_y == 0)
+
+
+def test_cases_cover_what_they_claim():
+  """Guards the case table: empty experts, token counts off the block size."""
+  c = _case("empty_experts")
+  assert set(np.unique(c["idx"])) == {1, 4}
+  assert any((CASES[n][0] * CASES[n][2]) % 8 for n in CASES)
+  assert any((CASES[n][0] * CASES[n][2]) % 4 for n in CASES)
+  assert (c := _case("no_expert_pairs"))["idx"].max() == c["E"]
+  assert 0 < np.mean(c["idx"] == c["E"]) < 1
+
+
+# (case, capacity factor); every one but all_no_expert drops pairs.
+CAPACITY_CASES = [
+    ("random_k2", 0.5), ("random_k2", 1.0), ("random_k1", 0.6), ("random_k3", 0.7),
+    ("empty_experts", 1.0), ("one_expert_k1", 1.0), ("one_expert_both_slots", 1.25),
+    ("no_expert_pairs", 0.5), ("all_no_expert", 0.5), ("single_token", 0.3),
+]
+
+
+@pytest.mark.parametrize("case,cf", CAPACITY_CASES)
+def test_capacity_backend_matches_gshard_reference(case, cf):
+  c = _case(case)
+  want_y, want_grads, want_dropped = _capacity_ref(case, cf)
+  got_y, got_grads, got_dropped = _backend_value_and_grads("capacity", c,
+                                                           capacity_factor=cf)
+  assert got_dropped == want_dropped
+  if case == "all_no_expert":
+    assert want_dropped == 0
+  elif case != "single_token":
+    assert want_dropped > 0
+  _close(got_y, want_y)
+  for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
+    try:
+      _close(g, w)
+    except AssertionError as e:
+      raise AssertionError(f"gradient wrt {name}: {e}") from None
+
+
+def test_capacity_reference_priority_by_hand():
+  """The reference's GShard order, checked on a case worked out by hand."""
+  # T=4, k=2, E=2, cf=0.5 -> C = ceil(0.5*8/2) = 2.
+  idx = np.array([[0, 1], [0, 1], [1, 0], [0, 1]])
+  kept, dropped = ref.capacity_kept(idx, 2, 0.5)
+  # slot 0: t0->0 (0 had 0), t1->0 (1), t2->1 (0), t3->0 (2: drop)
+  # slot 1: t0->1 (1 had 1), t1->1 (2: drop), t2->0 (3: drop), t3->1 (drop)
+  np.testing.assert_array_equal(kept, [[1, 1], [1, 0], [1, 0], [0, 0]])
+  assert dropped == 4
+
+
+def test_capacity_backend_slot_priority_by_hand():
+  """A later token's first choice beats an earlier token's second choice."""
+  num_experts = 2
+  # T=2, k=2, cf=0.5 -> C = 1. Token 0: (1, 0); token 1: (0, 1).
+  # slot 0: t0->1 kept, t1->0 kept; slot 1: t0->0 dropped, t1->1 dropped.
+  idx = jnp.array([[1, 0], [0, 1]], jnp.int32)
+  x = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  eye = jnp.stack([jnp.eye(2)] * num_experts)
+  scale = jnp.array([1.0, 10.0])[:, None, None]
+  w_gate = eye * 50.0  # silu(50 x) ~ 50 x for x >= 0
+  w_up = eye
+  w_down = eye * scale  # expert e multiplies by (1, 10)[e]
+  cw = jnp.ones((2, 2))
+  y, dropped = dispatch.expert_ffn("capacity", x, idx, cw, w_gate, w_up, w_down,
+                                   capacity_factor=0.5)
+  assert int(dropped) == 2
+  # t0 keeps expert 1 only: 50 * x0^2 * 10; t1 keeps expert 0 only: 50 * x1^2 * 1.
+  np.testing.assert_allclose(y, [[500.0, 0.0], [0.0, 50.0]], rtol=1e-5)
+
+
+# --------------------------------------------------------------------------- #
+# The MoE layer
+# --------------------------------------------------------------------------- #
+
+def _layer(**moe):
+  overrides = {"model.sublayer": "moe", "model.d_model": 16, "moe.num_experts": 4,
+               "moe.top_k": 2, "moe.expert_ffn_dim": 8}
+  overrides.update({f"moe.{k}": v for k, v in moe.items()})
+  cfg = tiny_config(**overrides)
+  layer = sublayers.build(cfg, 0, nnx.Rngs(0))
+  # A router decisive enough that float32 and float64 pick the same experts.
+  rng = np.random.default_rng(7)
+  layer.router.kernel[...] = jnp.asarray(rng.normal(size=layer.router.kernel.shape),
+                                         jnp.float32)
+  for w in (layer.w_gate, layer.w_up, layer.w_down):
+    w[...] = jnp.asarray(rng.normal(size=w.shape) / 3, jnp.float32)
+  return cfg, layer
+
+
+def _x(batch=2, seq=7, d=16, seed=3):
+  return jnp.asarray(np.random.default_rng(seed).normal(size=(batch, seq, d)), jnp.float32)
+
+
+def _layer_reference(layer, cfg, x, capacity_factor=None):
+  """The routed output of `layer` from the naive router and per-token loop."""
+  e = cfg.moe
+  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  logits = tokens @ np.asarray(layer.router.kernel[...], np.float64)
+  idx, weights, _ = ref.naive_route(logits, top_k=e.top_k, score_fn=e.score_fn,
+                                    renormalize=e.renormalize,
+                                    routed_scaling_factor=e.routed_scaling_factor)
+  ws = [np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up, layer.w_down)]
+  with jax.enable_x64(True):
+    args = [jnp.asarray(a) for a in (tokens, weights)]
+    if capacity_factor is None:
+      y, dropped = ref.per_token_moe(args[0], idx, args[1], *map(jnp.asarray, ws)), 0
+    else:
+      y, dropped = ref.capacity_reference(args[0], idx, args[1], *map(jnp.asarray, ws),
+                                          capacity_factor=capacity_factor)
+    y = np.asarray(y)
+  return y.reshape(x.shape), dropped, idx
+
+
+def test_moe_layer_eval_is_dropless_and_train_drops():
+  cfg, layer = _layer(backend="capacity", capacity_factor=0.25)
+  x = _x()
+  num_pairs = x.shape[0] * x.shape[1] * cfg.moe.top_k
+
+  y_eval, aux_eval = layer(x, train=False)
+  dropless_ref, _, _ = _layer_reference(layer, cfg, x)
+  _close(np.asarray(y_eval), dropless_ref, rtol=1e-4)
+  assert float(aux_eval["dropped_fraction"]) == 0.0
+
+  y_train, aux_train = layer(x, train=True)
+  capacity_ref, dropped, _ = _layer_reference(layer, cfg, x, capacity_factor=0.25)
+  assert dropped > 0
+  np.testing.assert_allclose(float(aux_train["dropped_fraction"]), dropped / num_pairs,
+                             rtol=1e-6)
+  _close(np.asarray(y_train), capacity_ref, rtol=1e-4)
+  assert not np.allclose(np.asarray(y_train), np.asarray(y_eval), atol=1e-3)
+
+  # Evaluation equals the sorted backend's output on the same parameters.
+  layer.backend = "sorted"
+  y_sorted, aux_sorted = layer(x, train=False)
+  np.testing.assert_allclose(np.asarray(y_eval), np.asarray(y_sorted), rtol=1e-5,
+                             atol=1e-6)
+  assert float(aux_sorted["dropped_fraction"]) == 0.0
+
+
+@pytest.mark.parametrize("backend", ["sorted", "ragged_dot"])
+def test_moe_layer_train_matches_reference_for_dropless_backends(backend):
+  cfg, layer = _layer(backend=backend, block_size=4)
+  x = _x(batch=3, seq=5)
+  y, aux = layer(x, train=True)
+  want, _, _ = _layer_reference(layer, cfg, x)
+  _close(np.asarray(y), want, rtol=1e-4)
+  assert float(aux["dropped_fraction"]) == 0.0
+
+
+def test_moe_layer_shared_experts_add_a_dense_swiglu():
+  cfg, layer = _layer(num_shared_experts=2)
+  assert layer.shared is not None
+  sh = layer.shared
+  assert sh.w_gate.shape == (16, 2 * cfg.moe.expert_ffn_dim)
+  rng = np.random.default_rng(11)
+  for w in (sh.w_gate, sh.w_up, sh.w_down):
+    w[...] = jnp.asarray(rng.normal(size=w.shape) / 3, jnp.float32)
+  x = _x(seed=5)
+  y, _ = layer(x, train=True)
+  routed, _, _ = _layer_reference(layer, cfg, x)
+  shared = ref.swiglu_ref(np.asarray(x).reshape(-1, 16), sh.w_gate[...], sh.w_up[...],
+                          sh.w_down[...]).reshape(x.shape)
+  assert np.max(np.abs(shared)) > 0.1 * np.max(np.abs(routed))  # the shared part matters
+  _close(np.asarray(y), routed + shared, rtol=1e-4)

@@ -1,0 +1,33 @@
+"""MoE config validation: bad values stop before anything is built, in one sentence."""
+
+import pytest
+
+from moejax import config as config_lib
+from moejax.errors import ConfigError
+from tests.helpers import tiny_config
+
+
+def _moe(**overrides):
+  return tiny_config(**{"model.sublayer": "moe", **overrides})
+
+
+@pytest.mark.parametrize("overrides, devices, message", [
+    ({"moe.top_k": 9, "moe.num_experts": 8}, 1, "top_k=9 exceeds"),
+    ({"moe.backend": "magic"}, 1, "Unknown --config.moe.backend='magic'"),
+    ({"moe.score_fn": "relu"}, 1, "is not 'softmax' or 'sigmoid'"),
+    ({"moe.num_experts": 6, "mesh.expert": 4, "mesh.data": 2}, 8, "not divisible by the expert"),
+    ({"moe.backend": "capacity", "mesh.expert": 2, "mesh.data": 4}, 8,
+     "runs without expert parallelism"),
+    ({"moe.first_dense_layers": 5}, 1, "first_dense_layers=5 must lie in"),
+    ({"moe.capacity_factor": 0.0, "moe.backend": "capacity"}, 1, "capacity_factor must be"),
+])
+def test_bad_moe_config_is_one_sentence(overrides, devices, message):
+  with pytest.raises(ConfigError, match=message) as err:
+    config_lib.validate(_moe(**overrides), num_devices=devices, check_data=False)
+  assert str(err.value).count(". ") <= 1 and "\n" not in str(err.value)
+
+
+def test_presets_validate():
+  from configs.moe import PRESETS, get_config
+  for preset in PRESETS:
+    config_lib.validate(get_config(preset), num_devices=1, check_data=False)
