@@ -15,7 +15,6 @@ They loop over tokens and slots in Python, so keep the shapes small.
 
 import math
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -24,32 +23,75 @@ import numpy as np
 # Expert FFN
 # --------------------------------------------------------------------------- #
 
-def _silu(a):
-  return a * (1.0 / (1.0 + jnp.exp(-a)))
+def _namespace(*arrays):
+  """numpy when every array is a numpy array (fast, float64), else jax.numpy."""
+  return np if all(isinstance(a, np.ndarray) for a in arrays) else jnp
 
 
 def per_token_moe(x, expert_idx, combine_weights, w_gate, w_up, w_down):
   """x [T, d]; expert_idx [T, k] (concrete ints, E = no expert); combine_weights
   [T, k]; w_gate, w_up [E, d, f]; w_down [E, f, d]. Returns y [T, d].
 
-  An explicit loop over tokens and slots; differentiable wrt x, the weights and
-  combine_weights (expert_idx must be concrete: numpy or a host array)."""
+  An explicit loop over tokens and slots. With jax arrays it is built from jnp
+  ops, so it is differentiable wrt x, the weights and combine_weights
+  (expert_idx must be concrete: numpy or a host array); with numpy arrays
+  only, it runs in numpy."""
+  xp = _namespace(x, combine_weights, w_gate, w_up, w_down)
   idx = np.asarray(expert_idx)
   num_tokens, k = idx.shape
   num_experts = w_gate.shape[0]
   rows = []
   for t in range(num_tokens):
-    acc = jnp.zeros((x.shape[1],), x.dtype)
+    acc = xp.zeros((x.shape[1],), x.dtype)
     for j in range(k):
       e = int(idx[t, j])
       if e == num_experts:
         continue  # no expert: contributes nothing
       assert 0 <= e < num_experts, e
       xt = x[t]
-      h = _silu(xt @ w_gate[e]) * (xt @ w_up[e])
+      a = xt @ w_gate[e]
+      h = a / (1.0 + xp.exp(-a)) * (xt @ w_up[e])  # SiLU(a) = a * sigmoid(a)
       acc = acc + combine_weights[t, j] * (h @ w_down[e])
     rows.append(acc)
-  return jnp.stack(rows)
+  return xp.stack(rows)
+
+
+def per_token_moe_grads(x, expert_idx, combine_weights, w_gate, w_up, w_down, dy):
+  """Backprop of per_token_moe written out by hand, numpy float64, pair by pair.
+
+  Returns the gradients of sum(y * dy) wrt (x, combine_weights, w_gate, w_up,
+  w_down). For one pair (t, j) with expert e, a = x_t Wg, u = x_t Wu,
+  h = SiLU(a) u, o = h Wd, y_t += w o:
+      dw = <dy_t, o>,  do = w dy_t,  dWd += h^T do,  dh = do Wd^T,
+      da = dh u SiLU'(a),  du = dh SiLU(a),  dWg += x_t^T da,  dWu += x_t^T du,
+      dx_t += da Wg^T + du Wu^T,     SiLU'(a) = s (1 + a (1 - s)),  s = sigmoid(a)."""
+  x, cw, wg, wu, wd, dy = (np.asarray(a, np.float64)
+                           for a in (x, combine_weights, w_gate, w_up, w_down, dy))
+  idx = np.asarray(expert_idx)
+  num_tokens, k = idx.shape
+  num_experts = wg.shape[0]
+  dx, dcw = np.zeros_like(x), np.zeros_like(cw)
+  dwg, dwu, dwd = np.zeros_like(wg), np.zeros_like(wu), np.zeros_like(wd)
+  for t in range(num_tokens):
+    for j in range(k):
+      e = int(idx[t, j])
+      if e == num_experts:
+        continue
+      xt = x[t]
+      a, u = xt @ wg[e], xt @ wu[e]
+      s = 1.0 / (1.0 + np.exp(-a))
+      h = a * s * u
+      o = h @ wd[e]
+      dcw[t, j] += dy[t] @ o
+      do = cw[t, j] * dy[t]
+      dwd[e] += np.outer(h, do)
+      dh = wd[e] @ do
+      da = dh * u * s * (1.0 + a * (1.0 - s))
+      du = dh * a * s
+      dwg[e] += np.outer(xt, da)
+      dwu[e] += np.outer(xt, du)
+      dx[t] += wg[e] @ da + wu[e] @ du
+  return dx, dcw, dwg, dwu, dwd
 
 
 def capacity_ceiling(num_tokens: int, top_k: int, num_experts: int,
@@ -191,14 +233,3 @@ def health_ref(counts, dropped: int):
       "dropped_fraction": dropped / total,
   }
 
-
-def vjp_all(fn, args, cotangent, argnums):
-  """(value, grads wrt args[i] for i in argnums) of fn(*args), with cotangent."""
-  def loss(*diff):
-    full = list(args)
-    for i, a in zip(argnums, diff):
-      full[i] = a
-    return jnp.sum(fn(*full) * cotangent)
-  value = fn(*args)
-  grads = jax.grad(loss, argnums=tuple(range(len(argnums))))(*[args[i] for i in argnums])
-  return value, grads

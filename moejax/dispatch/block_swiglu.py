@@ -3,20 +3,29 @@
 Rows arrive sorted by expert and each expert's group padded to a multiple of
 `block_size` (see layout.py), so every block of rows belongs to one expert:
 
-    [a | u] = x[b] [W_gate[e_b] | W_up[e_b]]
-    y[b]    = (SiLU(a) * u) W_down[e_b]
+    a = x[b] W_gate[e_b],   u = x[b] W_up[e_b]
+    y[b] = (SiLU(a) * u) W_down[e_b]
 
-The blocks are visited by a loop whose trip count is the number of blocks in use
-(dynamic), so compute follows the routed tokens, not the worst-case buffer. On
-XLA:CPU a loop of plain dots runs at nearly the speed of one large dot, whereas
-a batched dot over blocks is 2x slower and gathering W[e_b] for every block
-costs a third of the matmul time (numbers in docs/design.md). Gate and up
-weights are concatenated once per call so each block does one wider matmul.
+Two nested loops: the outer one scans the experts, taking each expert's
+weights once; the inner one visits that expert's blocks (a dynamic trip count,
+so compute follows the routed tokens, not the worst-case buffer; empty experts
+cost nothing but the weight slice). On XLA:CPU a loop of plain dots runs at
+nearly the speed of one large dot, whereas a batched dot over blocks is 2x
+slower. Indexing W[e_b] inside a flat loop over blocks copies the expert's
+weights for every block, and adding each block's weight gradient into an
+[E, d, f] accumulator reads and writes a whole expert slice per block; with
+256 experts and 64-row blocks those two made the kernel about 1.6x slower than
+the nested form, where the weight gradient is summed in a small per-expert
+carry and written once per expert (as the scan's output).
 
-The backward pass is written out (custom VJP). The forward keeps the [rows, 2f]
-pre-activations (as autodiff of a dense SwiGLU would), and the backward adds
-each block's weight gradient into its expert's slice in place, so no
-[blocks, d, f] tensor is built and no weight is copied per block.
+Gate and up are separate matmuls: concatenating them into [E, d, 2f] copies
+all the weights on every call (268 MB at E=256, d=512, f=256) and bought
+nothing measurable per block.
+
+The backward pass is written out (custom VJP). Under differentiation the
+forward keeps the pre-activations a and u of every row (as autodiff of a dense
+SwiGLU would); recomputing them instead costs two of the five backward-side
+matmuls and was slower. A plain (undifferentiated) call stores nothing.
 """
 
 from functools import partial
@@ -38,62 +47,124 @@ def _put(buf, value, i, size):
   return jax.lax.dynamic_update_slice_in_dim(buf, value.astype(buf.dtype), i * size, 0)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def expert_block_ranges(block_expert, num_blocks, num_experts):
+  """(first block, block count) of each expert, each [E] int32.
+
+  Blocks in use are a prefix sorted by expert, so each expert's blocks are
+  contiguous; blocks past num_blocks are not counted."""
+  used = jnp.where(jnp.arange(block_expert.shape[0]) < num_blocks, block_expert,
+                   num_experts)
+  count = jnp.bincount(used, length=num_experts + 1)[:num_experts].astype(jnp.int32)
+  return jnp.cumsum(count) - count, count
+
+
+def _zeros(shape, dtype, *like):
+  """Zeros varying over the same shard_map axes as the arrays in `like`.
+
+  Inside jax.shard_map (expert parallelism) a loop carry must have the same
+  varying-axes type on entry as the body gives it, and the body mixes tokens
+  (split over batch axes) with weights (split over expert/tensor). zeros_like
+  keeps an array's varying axes and a sum takes their union; reading that type
+  directly would tie us to a field JAX has renamed between versions."""
+  z = jnp.zeros(shape, dtype)
+  for a in like:
+    z = z + jnp.zeros_like(a, dtype=dtype, shape=())
+  return z
+
+
 def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
   """x: [blocks * block_size, d] sorted, padded rows; w_gate, w_up: [E, d, f];
   w_down: [E, f, d]; block_expert: [blocks] int; num_blocks: int scalar (blocks in
   use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0."""
-  return _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size)[0]
+  # Under shard_map, give rows and weights one varying-axes type before the
+  # custom VJP, whose cotangents must match its inputs' types; the psums this
+  # implies (over tensor for dx, over batch axes for dW) are then inserted by
+  # JAX when it transposes these additions.
+  zero = _zeros((), x.dtype, x, w_gate, w_up, w_down)
+  x, w_gate, w_up, w_down = (a + zero.astype(a.dtype) for a in (x, w_gate, w_up, w_down))
+  return _block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size)
 
 
-def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
-  """y and the pre-activations [x W_gate | x W_up] of every row."""
+@partial(jax.custom_vjp, nondiff_argnums=(6,))
+def _block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
+  """x: [blocks * block_size, d] sorted, padded rows; w_gate, w_up: [E, d, f];
+  w_down: [E, f, d]; block_expert: [blocks] int; num_blocks: int scalar (blocks in
+  use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0."""
+  return _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size,
+                  store=False)[0]
+
+
+def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size, store):
+  """y, and (if store) the pre-activations a = x W_gate and u = x W_up of every row."""
   dt = x.dtype
-  f = w_gate.shape[-1]
-  w_in = jnp.concatenate([w_gate, w_up], axis=-1).astype(dt)  # [E, d, 2f]
-  wd = w_down.astype(dt)
+  rows, f = x.shape[0], w_gate.shape[-1]
+  first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
 
-  def body(i, carry):
-    y, pre = carry
-    e = block_expert[i]
-    au = _block(x, i, block_size) @ w_in[e]
-    h = jax.nn.silu(au[:, :f]) * au[:, f:]
-    return _put(y, h @ wd[e], i, block_size), _put(pre, au, i, block_size)
+  def expert(carry, xs):
+    wg, wu, wd, start, n = xs
+    wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
 
-  init = (jnp.zeros_like(x), jnp.zeros((x.shape[0], 2 * f), dt))
-  return jax.lax.fori_loop(0, num_blocks, body, init)
+    def body(i, carry):
+      y, a_rows, u_rows = carry
+      xb = _block(x, i, block_size)
+      a, u = xb @ wg, xb @ wu
+      y = _put(y, (jax.nn.silu(a) * u) @ wd, i, block_size)
+      if store:
+        a_rows, u_rows = _put(a_rows, a, i, block_size), _put(u_rows, u, i, block_size)
+      return y, a_rows, u_rows
+
+    return jax.lax.fori_loop(start, start + n, body, carry), None
+
+  pre_rows = rows if store else 0
+  like = (x, w_gate, w_up, w_down)
+  init = (_zeros(x.shape, dt, *like), _zeros((pre_rows, f), dt, *like),
+          _zeros((pre_rows, f), dt, *like))
+  out, _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, count))
+  return out
 
 
 def _fwd(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
-  y, pre = _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size)
-  return y, (x, pre, w_gate, w_up, w_down, block_expert, num_blocks)
+  y, a_rows, u_rows = _forward(x, w_gate, w_up, w_down, block_expert, num_blocks,
+                               block_size, store=True)
+  return y, (x, a_rows, u_rows, w_gate, w_up, w_down, block_expert, num_blocks)
 
 
 def _bwd(block_size, res, dy):
-  x, pre, w_gate, w_up, w_down, block_expert, num_blocks = res
+  """With h = SiLU(a) * u, per block:
+      dh = dy W_down^T,  da = dh * u * SiLU'(a),  du = dh * SiLU(a)
+      dx = da W_gate^T + du W_up^T
+      dW_down += h^T dy,  dW_gate += x^T da,  dW_up += x^T du
+  Weight gradients are summed in float32 (or wider) over an expert's blocks."""
+  x, a_rows, u_rows, w_gate, w_up, w_down, block_expert, num_blocks = res
   dt = x.dtype
-  f = w_gate.shape[-1]
   acc = jnp.promote_types(w_gate.dtype, jnp.float32)
-  w_in = jnp.concatenate([w_gate, w_up], axis=-1).astype(dt)
-  wd = w_down.astype(dt)
+  first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
+  outer = partial(jnp.matmul, preferred_element_type=acc)
 
-  def body(i, carry):
-    dx, dw_in, dwd = carry
-    e = block_expert[i]
-    xb, dyb = _block(x, i, block_size), _block(dy, i, block_size).astype(dt)
-    au = _block(pre, i, block_size)
-    a, u = au[:, :f], au[:, f:]
-    sa = jax.nn.silu(a)
-    dh = dyb @ wd[e].T
-    dau = jnp.concatenate([dh * u * _silu_grad(a), dh * sa], axis=-1)
-    dwd = dwd.at[e].add(((sa * u).T @ dyb).astype(acc))
-    dw_in = dw_in.at[e].add((xb.T @ dau).astype(acc))
-    return _put(dx, dau @ w_in[e].T, i, block_size), dw_in, dwd
+  def expert(dx, xs):
+    wg, wu, wd, start, n = xs
+    wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
 
-  init = (jnp.zeros_like(x), jnp.zeros(w_in.shape, acc), jnp.zeros(w_down.shape, acc))
-  dx, dw_in, dwd = jax.lax.fori_loop(0, num_blocks, body, init)
-  return (dx, dw_in[..., :f].astype(w_gate.dtype), dw_in[..., f:].astype(w_up.dtype),
-          dwd.astype(w_down.dtype), None, None)
+    def body(i, carry):
+      dx, dwg, dwu, dwd = carry
+      xb, dyb = _block(x, i, block_size), _block(dy, i, block_size).astype(dt)
+      a, u = _block(a_rows, i, block_size), _block(u_rows, i, block_size)
+      sa = jax.nn.silu(a)
+      dh = dyb @ wd.T
+      da, du = dh * u * _silu_grad(a), dh * sa
+      dwd = dwd + outer((sa * u).T, dyb)
+      dwg = dwg + outer(xb.T, da)
+      dwu = dwu + outer(xb.T, du)
+      return _put(dx, da @ wg.T + du @ wu.T, i, block_size), dwg, dwu, dwd
+
+    zeros = lambda w: _zeros(w.shape, acc, x, dy, w_gate, w_up, w_down)
+    dx, dwg, dwu, dwd = jax.lax.fori_loop(start, start + n, body,
+                                          (dx, zeros(wg), zeros(wu), zeros(wd)))
+    return dx, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+
+  dx, (dwg, dwu, dwd) = jax.lax.scan(expert, _zeros(x.shape, dt, x, dy, w_gate, w_up, w_down),
+                                     (w_gate, w_up, w_down, first, count))
+  return dx, dwg, dwu, dwd, None, None
 
 
-block_swiglu.defvjp(_fwd, _bwd)
+_block_swiglu.defvjp(_fwd, _bwd)

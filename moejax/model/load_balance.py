@@ -35,7 +35,9 @@ def z_loss(logits: jax.Array) -> jax.Array:
 
 
 def updated_bias(bias: jax.Array, counts: jax.Array, rate: float) -> jax.Array:
-  b = bias + rate * jnp.sign(jnp.mean(counts) - counts)
+  # sign(mean - c_e) as sign(sum - E c_e): exact for integer counts, so an
+  # expert exactly at the mean is not pushed by a rounding error of the mean.
+  b = bias + rate * jnp.sign(jnp.sum(counts) - counts.shape[0] * counts)
   return jax.lax.stop_gradient(b - jnp.mean(b))
 
 
