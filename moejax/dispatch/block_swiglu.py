@@ -39,12 +39,34 @@ def _silu_grad(a):
   return s * (1 + a * (1 - s))
 
 
-def _block(x, i, size):
-  return jax.lax.dynamic_slice_in_dim(x, i * size, size, axis=0)
+# Largest tile (rows) one matmul takes: an expert's blocks are visited in tiles
+# of several blocks, so small blocks (little padding) still give large matmuls.
+TILE_ROWS = 256
 
 
-def _put(buf, value, i, size):
-  return jax.lax.dynamic_update_slice_in_dim(buf, value.astype(buf.dtype), i * size, 0)
+def _rows(x, row, size):
+  return jax.lax.dynamic_slice_in_dim(x, row, size, axis=0)
+
+
+def _put(buf, value, row):
+  return jax.lax.dynamic_update_slice_in_dim(buf, value.astype(buf.dtype), row, 0)
+
+
+def _visit_tiles(first, count, block_size, total_blocks, body, carry):
+  """carry = body(row, rows, carry) over blocks [first, first + count) of one
+  expert, in tiles: as many of TILE_ROWS as fit, then at most one tile of each
+  smaller power-of-two number of blocks (rows is static per loop)."""
+  blocks = 1
+  while blocks * 2 * block_size <= TILE_ROWS and blocks * 2 <= total_blocks:
+    blocks *= 2
+  pos, end = first, first + count
+  while blocks >= 1:
+    n = (end - pos) // blocks
+    carry = jax.lax.fori_loop(
+        0, n, lambda t, c, p=pos, m=blocks: body((p + t * m) * block_size,
+                                                 m * block_size, c), carry)
+    pos, blocks = pos + n * blocks, blocks // 2
+  return carry
 
 
 def expert_block_ranges(block_expert, num_blocks, num_experts):
@@ -104,16 +126,16 @@ def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size, stor
     wg, wu, wd, start, n = xs
     wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
 
-    def body(i, carry):
+    def tile(row, size, carry):
       y, a_rows, u_rows = carry
-      xb = _block(x, i, block_size)
+      xb = _rows(x, row, size)
       a, u = xb @ wg, xb @ wu
-      y = _put(y, (jax.nn.silu(a) * u) @ wd, i, block_size)
+      y = _put(y, (jax.nn.silu(a) * u) @ wd, row)
       if store:
-        a_rows, u_rows = _put(a_rows, a, i, block_size), _put(u_rows, u, i, block_size)
+        a_rows, u_rows = _put(a_rows, a, row), _put(u_rows, u, row)
       return y, a_rows, u_rows
 
-    return jax.lax.fori_loop(start, start + n, body, carry), None
+    return _visit_tiles(start, n, block_size, rows // block_size, tile, carry), None
 
   pre_rows = rows if store else 0
   like = (x, w_gate, w_up, w_down)
@@ -145,21 +167,21 @@ def _bwd(block_size, res, dy):
     wg, wu, wd, start, n = xs
     wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
 
-    def body(i, carry):
+    def tile(row, size, carry):
       dx, dwg, dwu, dwd = carry
-      xb, dyb = _block(x, i, block_size), _block(dy, i, block_size).astype(dt)
-      a, u = _block(a_rows, i, block_size), _block(u_rows, i, block_size)
+      xb, dyb = _rows(x, row, size), _rows(dy, row, size).astype(dt)
+      a, u = _rows(a_rows, row, size), _rows(u_rows, row, size)
       sa = jax.nn.silu(a)
       dh = dyb @ wd.T
       da, du = dh * u * _silu_grad(a), dh * sa
       dwd = dwd + outer((sa * u).T, dyb)
       dwg = dwg + outer(xb.T, da)
       dwu = dwu + outer(xb.T, du)
-      return _put(dx, da @ wg.T + du @ wu.T, i, block_size), dwg, dwu, dwd
+      return _put(dx, da @ wg.T + du @ wu.T, row), dwg, dwu, dwd
 
     zeros = lambda w: _zeros(w.shape, acc, x, dy, w_gate, w_up, w_down)
-    dx, dwg, dwu, dwd = jax.lax.fori_loop(start, start + n, body,
-                                          (dx, zeros(wg), zeros(wu), zeros(wd)))
+    dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size, tile,
+                                     (dx, zeros(wg), zeros(wu), zeros(wd)))
     return dx, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
 
   dx, (dwg, dwu, dwd) = jax.lax.scan(expert, _zeros(x.shape, dt, x, dy, w_gate, w_up, w_down),
