@@ -69,6 +69,39 @@ def base_config() -> ml_collections.ConfigDict:
                                   # as a multiple of the balanced share; 0 = dropless
   c.moe.first_dense_layers = 0  # the first N blocks keep a dense FFN (DeepSeekMoE)
 
+  # --- atomic experts (model.sublayer = "omnimoe" or "peer") ----------------
+  # see moejax/model/omnimoe.py and peer.py
+  c.atomic = ml_collections.ConfigDict()
+  c.atomic.num_experts = 1024  # N single-neuron experts; a perfect square (sqrt(N) grid)
+  c.atomic.top_k = 16  # experts per token (per head for PEER)
+  c.atomic.shared_ffn_dim = 352  # width of the always-on SwiGLU beside them (0 = none)
+  c.atomic.router = "product"  # "product": per-axis candidates, O(sqrt(N) + k^2);
+                               # "full": scan all N cells (the reference)
+  c.atomic.path = "gather"  # "gather" (token-centric) or "expert_sorted" (expert-centric)
+  c.atomic.bn_momentum = 0.1  # router BatchNorm running statistics (PyTorch convention)
+  c.atomic.bn_eps = 1e-5
+  c.atomic.expert_init_std = 0.02  # expert tables N(0, std); the OmniMoE code uses 1.0
+  c.atomic.peer_heads = 1  # PEER: query heads, each choosing top_k experts
+  c.atomic.peer_query_dim = 128  # PEER: query width per head (0 = d_model); even
+  c.atomic.peer_query_batchnorm = True  # PEER: BatchNorm on the query
+
+  # --- heterogeneous grouped experts (model.sublayer = "mohge") -------------
+  # see moejax/model/mohge.py; defaults are the tiny preset's
+  c.mohge = ml_collections.ConfigDict()
+  c.mohge.group_widths = (28, 44, 60, 76)  # SwiGLU width of each group's experts
+  c.mohge.experts_per_group = 4
+  c.mohge.top_groups = 2  # K_g groups chosen per token
+  c.mohge.top_k = 4  # experts chosen per token, inside the chosen groups
+  c.mohge.shared_ffn_dim = 128  # always-on shared SwiGLU width (0 = none)
+  c.mohge.gate = "megatron"  # "megatron": softmax over the k chosen (the released
+                             # code path); "renormalized": r / sum of the k chosen
+  c.mohge.group_aux_coef = 1e-5  # size-weighted group loss (alpha_g)
+  c.mohge.group_aux_start_fraction = 0.5  # ... switched on after this much training
+  c.mohge.group_aux_width_interval = 0  # its D; 0 = W_max - W_min + (W_1 - W_0)
+  c.mohge.intra_aux_coef = 5e-3  # intra-group experts loss (alpha_e)
+  c.mohge.backend = "sorted"  # a dropless dispatch backend: "sorted" or "ragged_dot"
+  c.mohge.block_size = 0  # sorted backend rows per block; 0 = chosen from the load
+
   # --- data ------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
   c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; or any TFDS name, e.g. "lm1b"

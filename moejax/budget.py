@@ -55,6 +55,64 @@ def _moe_budget(cfg, layer_index) -> dict:
       dispatch_ops_per_token=dispatch_ops)
 
 
+@register("omnimoe")
+def _omnimoe_budget(cfg, layer_index) -> dict:
+  """Routed part: k dot products and k axpys of length d (4 k d FLOPs), no dispatch
+  copies (expert rows are read, tokens stay); router: two [d, sqrt(N)] matmuls."""
+  del layer_index
+  a, d = cfg.atomic, cfg.model.d_model
+  shared = swiglu_budget(d, a.shared_ffn_dim)
+  router = 2 * d * int(round(a.num_experts ** 0.5))
+  experts = 2 * a.num_experts * d
+  active_experts = 2 * a.top_k * d
+  return dict(params=router + experts + shared["params"],
+              active_params=router + active_experts + shared["params"],
+              flops_per_token=2 * router + 2 * active_experts + shared["flops_per_token"],
+              router_flops_per_token=2 * router,
+              expert_flops_per_token=2 * active_experts + shared["flops_per_token"])
+
+
+@register("peer")
+def _peer_budget(cfg, layer_index) -> dict:
+  """Query projection, every sub-key (each token scores all 2 sqrt(N) of them per
+  head), heads x k atomic experts, and the shared SwiGLU."""
+  del layer_index
+  a, d = cfg.atomic, cfg.model.d_model
+  qdim = a.peer_query_dim or d
+  shared = swiglu_budget(d, a.shared_ffn_dim)
+  query = d * a.peer_heads * qdim
+  keys = int(round(a.num_experts ** 0.5)) * qdim
+  key_flops = 2 * a.peer_heads * keys
+  active_experts = 2 * a.peer_heads * a.top_k * d
+  return dict(params=query + keys + 2 * a.num_experts * d + shared["params"],
+              active_params=query + keys + active_experts + shared["params"],
+              flops_per_token=2 * query + key_flops + 2 * active_experts
+              + shared["flops_per_token"],
+              router_flops_per_token=2 * query + key_flops,
+              expert_flops_per_token=2 * active_experts + shared["flops_per_token"])
+
+
+@register("mohge")
+def _mohge_budget(cfg, layer_index) -> dict:
+  """Active parameters depend on which groups tokens choose: this is the
+  expectation under uniform routing (k experts of the mean width); training logs
+  the batch mean as aux/active_params."""
+  del layer_index
+  h, d = cfg.mohge, cfg.model.d_model
+  widths = tuple(h.group_widths)
+  router = d * (len(widths) + len(widths) * h.experts_per_group)
+  shared = swiglu_budget(d, h.shared_ffn_dim)
+  experts = sum(3 * d * w * h.experts_per_group for w in widths)
+  mean_active = h.top_k * 3 * d * sum(widths) / len(widths)
+  expert_flops = 2 * mean_active + shared["flops_per_token"]
+  dispatch_ops = 4 * h.top_k * d
+  return dict(params=router + experts + shared["params"],
+              active_params=int(router + mean_active + shared["params"]),
+              flops_per_token=int(2 * router + expert_flops + dispatch_ops),
+              router_flops_per_token=2 * router, expert_flops_per_token=int(expert_flops),
+              dispatch_ops_per_token=dispatch_ops)
+
+
 def attention_budget(cfg) -> dict:
   m = cfg.model
   proj = m.d_model * m.head_dim * (2 * m.num_heads + 2 * m.num_kv_heads)

@@ -117,6 +117,73 @@ def _validate_moe(cfg, axes: dict) -> None:
            "--config.moe.ep_capacity_factor to cap the exchange).")
 
 
+def _validate_atomic(cfg, axes: dict) -> None:
+  """Checks cfg.atomic for the "omnimoe" and "peer" sublayers."""
+  a = cfg.atomic
+  _positive("atomic", a, "num_experts", "top_k", "bn_eps", "expert_init_std", "peer_heads")
+  side = int(round(a.num_experts ** 0.5))
+  _require(side * side == a.num_experts,
+           f"--config.atomic.num_experts={a.num_experts} must be a perfect square (the "
+           f"router is a sqrt(N) x sqrt(N) grid); try {side * side} or {(side + 1) ** 2}.")
+  _require(a.top_k <= a.num_experts,
+           f"--config.atomic.top_k={a.top_k} exceeds --config.atomic.num_experts="
+           f"{a.num_experts}; choose top_k <= num_experts.")
+  _require(a.router in ("product", "full"),
+           f"--config.atomic.router={a.router!r} is not 'product' or 'full'.")
+  _require(a.path in ("gather", "expert_sorted"),
+           f"--config.atomic.path={a.path!r} is not 'gather' or 'expert_sorted'.")
+  _require(a.shared_ffn_dim >= 0,
+           f"--config.atomic.shared_ffn_dim must be >= 0, got {a.shared_ffn_dim}.")
+  _require(0.0 < a.bn_momentum <= 1.0,
+           f"--config.atomic.bn_momentum={a.bn_momentum} must lie in (0, 1].")
+  qdim = a.peer_query_dim or cfg.model.d_model
+  _require(cfg.model.sublayer != "peer" or (qdim > 0 and qdim % 2 == 0),
+           f"--config.atomic.peer_query_dim={a.peer_query_dim} must be even (it is split "
+           "into two sub-queries).")
+  ep = axes["expert"]
+  _require(a.num_experts % ep == 0,
+           f"--config.atomic.num_experts={a.num_experts} is not divisible by the expert "
+           f"mesh axis ({ep}); change --config.mesh.expert.")
+
+
+def _validate_mohge(cfg, axes: dict) -> None:
+  """Checks cfg.mohge for the "mohge" sublayer."""
+  from moejax import dispatch  # pylint: disable=import-outside-toplevel
+  h = cfg.mohge
+  widths = tuple(h.group_widths)
+  _require(len(widths) >= 1 and all(isinstance(w, int) and w > 0 for w in widths),
+           f"--config.mohge.group_widths={widths} must be a tuple of positive integers, "
+           "one per group.")
+  _positive("mohge", h, "experts_per_group", "top_groups", "top_k")
+  _require(h.top_groups <= len(widths),
+           f"--config.mohge.top_groups={h.top_groups} exceeds the {len(widths)} groups "
+           "in --config.mohge.group_widths.")
+  _require(h.top_k <= h.top_groups * h.experts_per_group,
+           f"--config.mohge.top_k={h.top_k} exceeds the experts of the chosen groups "
+           f"(top_groups x experts_per_group = {h.top_groups * h.experts_per_group}).")
+  _require(h.gate in ("megatron", "renormalized"),
+           f"--config.mohge.gate={h.gate!r} is not 'megatron' or 'renormalized'.")
+  _require(h.backend in dispatch.DROPLESS,
+           f"--config.mohge.backend={h.backend!r} must be a dropless backend: one of "
+           f"{sorted(dispatch.DROPLESS)}.")
+  for field in ("group_aux_coef", "intra_aux_coef", "group_aux_width_interval",
+                "block_size", "shared_ffn_dim"):
+    _require(getattr(h, field) >= 0,
+             f"--config.mohge.{field} must be >= 0, got {getattr(h, field)}.")
+  _require(0.0 <= h.group_aux_start_fraction <= 1.0,
+           f"--config.mohge.group_aux_start_fraction={h.group_aux_start_fraction} must "
+           "lie in [0, 1].")
+  ep = axes["expert"]
+  _require(h.experts_per_group % ep == 0,
+           f"--config.mohge.experts_per_group={h.experts_per_group} is not divisible by "
+           f"the expert mesh axis ({ep}): each shard must hold the same share of every "
+           "width; change --config.mesh.expert.")
+
+
+_SUBLAYER_VALIDATORS = {"moe": _validate_moe, "omnimoe": _validate_atomic,
+                        "peer": _validate_atomic, "mohge": _validate_mohge}
+
+
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int = 1, check_data: bool = True) -> tuple[int, ...]:
   """Checks `cfg` for `num_devices` devices; returns the resolved mesh shape."""
@@ -138,8 +205,9 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
   _require(cfg.train.global_batch % num_processes == 0,
            f"--config.train.global_batch={cfg.train.global_batch} is not divisible "
            f"by the {num_processes} processes; use a multiple of {num_processes}.")
-  if cfg.model.sublayer == "moe":
-    _validate_moe(cfg, axes)
+  validator = _SUBLAYER_VALIDATORS.get(cfg.model.sublayer)
+  if validator is not None:
+    validator(cfg, axes)
   _require(cfg.checkpoint.keep >= 1,
            f"--config.checkpoint.keep must be at least 1, got {cfg.checkpoint.keep}.")
   _require(cfg.checkpoint.every > 0,

@@ -126,7 +126,8 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
       model_state = jax.tree.map(lambda v: v, model_state)
       model = nnx.merge(graphdef, params, model_state)
       logits, aux = model(batch["inputs"], positions=batch["positions"],
-                          segment_ids=batch["segment_ids"], train=True)
+                          segment_ids=batch["segment_ids"], step=state["step"],
+                          train=True)
       nll_sum, w_sum = cross_entropy(logits, batch["targets"], batch["weights"])
       ce = nll_sum / jnp.maximum(w_sum, 1.0)
       aux_loss, aux_metrics = split_aux(aux)

@@ -80,7 +80,7 @@ def expert_block_ranges(block_expert, num_blocks, num_experts):
   return jnp.cumsum(count) - count, count
 
 
-def _zeros(shape, dtype, *like):
+def varying_zeros(shape, dtype, *like):
   """Zeros varying over the same shard_map axes as the arrays in `like`.
 
   Inside jax.shard_map (expert parallelism) a loop carry must have the same
@@ -102,7 +102,7 @@ def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
   # custom VJP, whose cotangents must match its inputs' types; the psums this
   # implies (over tensor for dx, over batch axes for dW) are then inserted by
   # JAX when it transposes these additions.
-  zero = _zeros((), x.dtype, x, w_gate, w_up, w_down)
+  zero = varying_zeros((), x.dtype, x, w_gate, w_up, w_down)
   x, w_gate, w_up, w_down = (a + zero.astype(a.dtype) for a in (x, w_gate, w_up, w_down))
   return _block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size)
 
@@ -139,8 +139,8 @@ def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size, stor
 
   pre_rows = rows if store else 0
   like = (x, w_gate, w_up, w_down)
-  init = (_zeros(x.shape, dt, *like), _zeros((pre_rows, f), dt, *like),
-          _zeros((pre_rows, f), dt, *like))
+  init = (varying_zeros(x.shape, dt, *like), varying_zeros((pre_rows, f), dt, *like),
+          varying_zeros((pre_rows, f), dt, *like))
   out, _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, count))
   return out
 
@@ -179,12 +179,12 @@ def _bwd(block_size, res, dy):
       dwu = dwu + outer(xb.T, du)
       return _put(dx, da @ wg.T + du @ wu.T, row), dwg, dwu, dwd
 
-    zeros = lambda w: _zeros(w.shape, acc, x, dy, w_gate, w_up, w_down)
+    zeros = lambda w: varying_zeros(w.shape, acc, x, dy, w_gate, w_up, w_down)
     dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size, tile,
                                      (dx, zeros(wg), zeros(wu), zeros(wd)))
     return dx, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
 
-  dx, (dwg, dwu, dwd) = jax.lax.scan(expert, _zeros(x.shape, dt, x, dy, w_gate, w_up, w_down),
+  dx, (dwg, dwu, dwd) = jax.lax.scan(expert, varying_zeros(x.shape, dt, x, dy, w_gate, w_up, w_down),
                                      (w_gate, w_up, w_down, first, count))
   return dx, dwg, dwu, dwd, None, None
 

@@ -2,7 +2,7 @@
 
   y = (SiLU(x W_gate) * (x W_up)) W_down
 
-Speaks the sublayer interface `y, aux = ffn(x, token_ids=, loop_index=, train=)`;
+Speaks the sublayer interface `y, aux = ffn(x, token_ids=, loop_index=, step=, train=)`;
 a dense layer has no auxiliary losses or metrics, so aux is empty.
 """
 
@@ -27,8 +27,8 @@ class SwiGLU(nnx.Module):
     self.w_down = param(rngs, (ffn_dim, d_model), ("mlp", "embed"),
                         std=init_std / math.sqrt(2 * num_layers), dtype=pd)
 
-  def __call__(self, x, *, token_ids=None, loop_index=None, train=False):
-    del token_ids, loop_index, train  # part of the interface; unused by a dense FFN
+  def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
+    del token_ids, loop_index, step, train  # part of the interface; unused by a dense FFN
     dt = self.dtype
     x = x.astype(dt)
     h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))

@@ -60,8 +60,8 @@ class MoE(nnx.Module):
         num_layers=m.num_layers, rngs=rngs, compute_dtype=m.compute_dtype,
         param_dtype=m.param_dtype) if e.num_shared_experts > 0 else None)
 
-  def __call__(self, x, *, token_ids=None, loop_index=None, train=False):
-    del token_ids, loop_index  # part of the interface; unused by top-k routing
+  def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
+    del token_ids, loop_index, step  # part of the interface; unused by top-k routing
     batch, seq, d_model = x.shape
     x = x.astype(self.dtype)
     tokens = x.reshape(batch * seq, d_model)

@@ -1,8 +1,10 @@
 """The registry of FFN sublayers a decoder block can hold.
 
 Every sublayer is an nnx.Module with
-    y, aux = sublayer(x, *, token_ids, loop_index, train)
-where x is [batch, seq, d_model] and aux is a flat dict of scalars. Keys that
+    y, aux = sublayer(x, *, token_ids, loop_index, step, train)
+where x is [batch, seq, d_model], `step` counts the optimizer steps done before
+this one (None outside training; for scheduled auxiliary losses), and aux is a
+flat dict of scalars (or per-expert vectors). Keys that
 start with "loss/" are auxiliary losses, already weighted: the trainer adds them
 to the objective. Every other key is a health metric that is only logged.
 New sublayers (MoE variants) register a builder here; the trainer is untouched.
@@ -38,3 +40,21 @@ def _moe(cfg, layer_index, rngs):
   if layer_index < cfg.moe.first_dense_layers:
     return _dense(cfg, layer_index, rngs)
   return MoE(cfg, layer_index, rngs)
+
+
+@register("omnimoe")
+def _omnimoe(cfg, layer_index, rngs):
+  from moejax.model.omnimoe import OmniMoE  # pylint: disable=import-outside-toplevel
+  return OmniMoE(cfg, layer_index, rngs)
+
+
+@register("peer")
+def _peer(cfg, layer_index, rngs):
+  from moejax.model.peer import PEER  # pylint: disable=import-outside-toplevel
+  return PEER(cfg, layer_index, rngs)
+
+
+@register("mohge")
+def _mohge(cfg, layer_index, rngs):
+  from moejax.model.mohge import MoHGE  # pylint: disable=import-outside-toplevel
+  return MoHGE(cfg, layer_index, rngs)

@@ -28,10 +28,10 @@ class Block(nnx.Module):
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
     self.ffn = sublayers.build(cfg, layer_index, rngs)
 
-  def __call__(self, x, *, positions, segment_ids, token_ids, loop_index, train):
+  def __call__(self, x, *, positions, segment_ids, token_ids, loop_index, step, train):
     x = x + self.attn(self.attn_norm(x), positions=positions, segment_ids=segment_ids)
     y, aux = self.ffn(self.ffn_norm(x), token_ids=token_ids, loop_index=loop_index,
-                      train=train)
+                      step=step, train=train)
     x = constrain(x + y.astype(x.dtype), ("batch", "seq", "act_embed"))
     return x, aux
 
@@ -61,8 +61,11 @@ class Transformer(nnx.Module):
       self.unembed = param(rngs, (m.d_model, vocab_size), ("embed", "vocab"),
                            std=m.init_std, dtype=pd)
 
-  def __call__(self, tokens, *, positions=None, segment_ids=None, train=False):
-    """tokens: [batch, seq] int -> (logits [batch, seq, vocab] float32, aux)."""
+  def __call__(self, tokens, *, positions=None, segment_ids=None, step=None, train=False):
+    """tokens: [batch, seq] int -> (logits [batch, seq, vocab] float32, aux).
+
+    step: optimizer steps completed before this one (an int array), for sublayers
+    whose auxiliary losses follow a schedule; None outside training."""
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
@@ -75,7 +78,7 @@ class Transformer(nnx.Module):
     per_layer = []
     for block in self.blocks:
       x, aux = block(x, positions=positions, segment_ids=segment_ids, token_ids=tokens,
-                     loop_index=None, train=train)
+                     loop_index=None, step=step, train=train)
       per_layer.append(aux)
     x = self.final_norm(x)
     # Logits accumulate in float32 even with bf16 inputs: at |logit| ~ 10 a bf16
