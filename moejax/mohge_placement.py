@@ -52,3 +52,77 @@ def to_decoupled(group_major: np.ndarray, num_groups: int) -> np.ndarray:
   """Reorders a group-major [G n] per-expert vector into the decoupled order."""
   v = np.asarray(group_major).reshape(num_groups, -1)
   return np.array([v[g, j] for g, j in expert_order(num_groups, v.shape[1], "decoupled")])
+
+
+def from_decoupled(vector, num_groups: int) -> np.ndarray:
+  """Inverse of to_decoupled: a decoupled-order [G n] vector as group-major [G, n]."""
+  v = np.asarray(vector, np.float64)
+  out = np.zeros((num_groups, v.size // num_groups))
+  for value, (g, j) in zip(v, expert_order(num_groups, v.size // num_groups, "decoupled")):
+    out[g, j] = value
+  return out
+
+
+def placement_report(tokens, widths, ep_degrees=(2, 4, 8)) -> list[dict]:
+  """For each EP degree that divides the experts: per-shard loads (as a share of
+  the mean shard) and max/mean, under the decoupled and the size-sorted placement."""
+  tokens = np.asarray(tokens, np.float64)
+  rows = []
+  for ep in ep_degrees:
+    if tokens.size % ep:
+      continue
+    for placement in ("decoupled", "sorted"):
+      load = shard_loads(tokens, widths, ep, placement)
+      mean = max(load.mean(), 1e-30)
+      rows.append(dict(ep=ep, placement=placement, shard_load=(load / mean).round(3).tolist(),
+                       max_over_mean=float(load.max() / mean)))
+  return rows
+
+
+def _last_expert_loads(workdir: str) -> tuple[dict, list]:
+  """The run's config and the last logged per-layer expert loads (decoupled order)."""
+  import json  # pylint: disable=import-outside-toplevel
+  import os  # pylint: disable=import-outside-toplevel
+  with open(os.path.join(workdir, "config.json")) as f:
+    cfg = json.load(f)
+  last = None
+  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+    for line in f:
+      record = json.loads(line)
+      if any(k.startswith("aux/expert_load/") for k in record):
+        last = record
+  if last is None:
+    raise SystemExit(f"No aux/expert_load/* in {workdir}/metrics.jsonl; is it a MoHGE run?")
+  layers = sorted(k for k in last if k.startswith("aux/expert_load/"))
+  return cfg, [(k.rsplit("/", 1)[-1], last[k]) for k in layers]
+
+
+def main(argv) -> None:
+  """python -m moejax.mohge_placement --workdir=RUN  (or --widths=... for balanced loads)"""
+  from absl import flags  # pylint: disable=import-outside-toplevel
+  del argv
+  f = flags.FLAGS
+  if f.workdir:
+    cfg, layers = _last_expert_loads(f.workdir)
+    widths = cfg["mohge"]["group_widths"]
+    num_groups = len(widths)
+    cases = [(name, from_decoupled(v, num_groups)) for name, v in layers]
+  else:
+    widths = [int(w) for w in f.widths]
+    cases = [("balanced", np.ones((len(widths), f.experts_per_group)))]
+  print(f"MoHGE shard load (tokens x width per shard / mean shard), widths {widths}")
+  for name, tokens in cases:
+    for row in placement_report(tokens, widths, [int(e) for e in f.ep]):
+      loads = " ".join(f"{x:.3f}" for x in row["shard_load"])
+      print(f"{name:>10}  EP={row['ep']}  {row['placement']:>9}  max/mean "
+            f"{row['max_over_mean']:.3f}  [{loads}]")
+
+
+if __name__ == "__main__":
+  from absl import app, flags  # pylint: disable=import-outside-toplevel,ungrouped-imports
+  flags.DEFINE_string("workdir", "", "A MoHGE run's --workdir (reads its last expert loads).")
+  flags.DEFINE_list("widths", ["384", "512", "640", "768", "896", "1024", "1152", "1280"],
+                    "Group widths, when no --workdir: balanced loads within each group.")
+  flags.DEFINE_integer("experts_per_group", 8, "Experts per group, when no --workdir.")
+  flags.DEFINE_list("ep", ["2", "4", "8"], "Expert-parallel degrees to report.")
+  app.run(main)
