@@ -121,7 +121,7 @@ def _validate_atomic(cfg, axes: dict) -> None:
   """Checks cfg.atomic for the "omnimoe" and "peer" sublayers."""
   a = cfg.atomic
   _positive("atomic", a, "num_experts", "top_k", "bn_eps", "expert_init_std", "peer_heads")
-  side = int(round(a.num_experts ** 0.5))
+  side = math.isqrt(a.num_experts)
   _require(side * side == a.num_experts,
            f"--config.atomic.num_experts={a.num_experts} must be a perfect square (the "
            f"router is a sqrt(N) x sqrt(N) grid); try {side * side} or {(side + 1) ** 2}.")
@@ -138,8 +138,9 @@ def _validate_atomic(cfg, axes: dict) -> None:
            f"--config.atomic.bn_momentum={a.bn_momentum} must lie in (0, 1].")
   qdim = a.peer_query_dim or cfg.model.d_model
   _require(cfg.model.sublayer != "peer" or (qdim > 0 and qdim % 2 == 0),
-           f"--config.atomic.peer_query_dim={a.peer_query_dim} must be even (it is split "
-           "into two sub-queries).")
+           f"The PEER query width (--config.atomic.peer_query_dim={a.peer_query_dim}, 0 = "
+           f"model.d_model) is {qdim}; it must be positive and even (it is split into two "
+           "sub-queries).")
   ep = axes["expert"]
   _require(a.num_experts % ep == 0,
            f"--config.atomic.num_experts={a.num_experts} is not divisible by the expert "
