@@ -13,9 +13,7 @@ Goals (issue 3, CPU, default backend `sorted`): (64, 8) at most 1.5x dense;
 (256, 8) at most 1.3x the (8, 2) time.
 """
 
-import json
 import os
-import platform
 import sys
 import time
 
@@ -23,6 +21,8 @@ from absl import app, flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+
+from benchmarks import common  # pylint: disable=wrong-import-position
 
 flags.DEFINE_integer("tokens", 8192, "Tokens per call (batch 8 x seq tokens/8).")
 flags.DEFINE_integer("d_model", 512, "Model width.")
@@ -116,20 +116,15 @@ def run() -> dict:
 
 def main(argv):
   del argv
-  import flax
-  import jax
-
   r = run()
   r.update(tokens=FLAGS.tokens, d_model=FLAGS.d_model, dense_ffn=FLAGS.dense_ffn,
-           repeats=FLAGS.repeats, platform=jax.devices()[0].platform,
-           device=str(jax.devices()[0].device_kind), cores=os.cpu_count(),
-           cpu=platform.processor() or platform.machine(), jax=jax.__version__,
-           flax=flax.__version__, python=platform.python_version(),
-           command="python " + " ".join(sys.argv))
+           repeats=FLAGS.repeats)
+  r.update(common.environment("platform", "device", "cores", "cpu", "jax", "flax", "python",
+                              "command", cpu=common.processor()))
   lines = [
       "# MoE layer forward+backward vs dense SwiGLU (equal active FLOPs)", "",
       f"- device: {r['device']} ({r['platform']}, {r['cores']} cores, {r['cpu']})",
-      f"- versions: jax {r['jax']}, flax {r['flax']}, Python {r['python']}",
+      common.versions_line(r),
       f"- shapes: T={r['tokens']}, d={r['d_model']}, dense F={r['dense_ffn']}, experts F/k; "
       f"median of {r['repeats']} interleaved rounds",
       f"- command: `{r['command']}`",
@@ -142,14 +137,7 @@ def main(argv):
     lines.append(f"| {q['backend']} | {q['experts']} | {q['top_k']} | {q['expert_ffn']} | "
                  f"{q['seconds']:.3f}{note} | {q['ratio_vs_dense']:.2f} | {own} | "
                  f"{q['peak_mib']:.0f} |")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
-    with open(os.path.splitext(FLAGS.out)[0] + ".json", "w") as f:
-      json.dump(r, f, indent=2)
+  common.write_results(FLAGS.out, "\n".join(lines) + "\n", r)
 
 
 if __name__ == "__main__":

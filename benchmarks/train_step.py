@@ -18,9 +18,7 @@ Steps are dispatched asynchronously, as in training; the loop blocks on the
 last step's outputs before stopping the clock.
 """
 
-import json
 import os
-import platform
 import sys
 import time
 
@@ -29,6 +27,8 @@ from ml_collections import config_flags
 
 _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
+
+from benchmarks import common  # pylint: disable=wrong-import-position
 
 config_flags.DEFINE_config_file("config", os.path.join(_ROOT, "configs", "dense.py:tiny"),
                                 "Config to benchmark.", lock_config=True)
@@ -102,15 +102,7 @@ def matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
   return 2 * n_dev * size ** 3 * repeats / (time.perf_counter() - start) / 1e12
 
 
-def cpu_model() -> str:
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          return line.split(":", 1)[1].strip()
-  except OSError:
-    pass
-  return platform.processor() or platform.machine()
+cpu_model = common.cpu_model  # kept importable from here
 
 
 def main(argv):
@@ -123,18 +115,14 @@ def main(argv):
     r["mfu"] = r["achieved_tflops"] / (n * FLAGS.peak_tflops)
   r["matmul_tflops"] = matmul_tflops(cfg.model.compute_dtype)
   r["matmul_ratio"] = r["achieved_tflops"] / r["matmul_tflops"]
-  import flax
-  r.update(config=cfg.name, devices=f"{n} x {jax.devices()[0].device_kind}",
-           platform=jax.devices()[0].platform, cpu=cpu_model(),
-           cores=os.cpu_count(), jax=jax.__version__, flax=flax.__version__,
-           python=platform.python_version(), steps=FLAGS.steps,
-           peak_tflops_per_device=FLAGS.peak_tflops,
-           command="python " + " ".join(sys.argv))
+  r.update(config=cfg.name, steps=FLAGS.steps, peak_tflops_per_device=FLAGS.peak_tflops)
+  r.update(common.environment("devices", "platform", "cpu", "cores", "jax", "flax", "python",
+                              "command"))
   lines = [
       f"# train_step benchmark: {cfg.name}",
       "",
       f"- device: {r['devices']} ({r['platform']}, {r['cores']} host cores, {r['cpu']})",
-      f"- versions: jax {r['jax']}, flax {r['flax']}, Python {r['python']}",
+      common.versions_line(r),
       f"- command: `{r['command']}`",
       "",
       "| metric | value |",
@@ -151,14 +139,7 @@ def main(argv):
   if "mfu" in r:
     lines.append(f"| MFU (peak {FLAGS.peak_tflops} TFLOP/s per device) | "
                  f"{100 * r['mfu']:.1f}% |")
-  text = "\n".join(lines) + "\n"
-  print(text)
-  if FLAGS.out:
-    os.makedirs(os.path.dirname(os.path.abspath(FLAGS.out)), exist_ok=True)
-    with open(FLAGS.out, "w") as f:
-      f.write(text)
-    with open(os.path.splitext(FLAGS.out)[0] + ".json", "w") as f:
-      json.dump(r, f, indent=2, sort_keys=True)
+  common.write_results(FLAGS.out, "\n".join(lines) + "\n", r, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -98,29 +98,34 @@ def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
   """x: [blocks * block_size, d] sorted, padded rows; w_gate, w_up: [E, d, f];
   w_down: [E, f, d]; block_expert: [blocks] int; num_blocks: int scalar (blocks in
   use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0."""
+  first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
+  return block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size)
+
+
+def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size):
+  """As block_swiglu, with expert e's blocks given as [first[e], first[e] + count[e]).
+
+  Rows of blocks no expert here owns are 0 in the output (and in dx), so experts
+  of different widths can share one sorted layout: each group of equal-width
+  experts takes its slice of the ranges, and the outputs add up."""
   # Under shard_map, give rows and weights one varying-axes type before the
   # custom VJP, whose cotangents must match its inputs' types; the psums this
   # implies (over tensor for dx, over batch axes for dW) are then inserted by
   # JAX when it transposes these additions.
   zero = varying_zeros((), x.dtype, x, w_gate, w_up, w_down)
   x, w_gate, w_up, w_down = (a + zero.astype(a.dtype) for a in (x, w_gate, w_up, w_down))
-  return _block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size)
+  return _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
-  """x: [blocks * block_size, d] sorted, padded rows; w_gate, w_up: [E, d, f];
-  w_down: [E, f, d]; block_expert: [blocks] int; num_blocks: int scalar (blocks in
-  use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0."""
-  return _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size,
-                  store=False)[0]
+def _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size):
+  return _forward(x, w_gate, w_up, w_down, first, count, block_size, store=False)[0]
 
 
-def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size, store):
+def _forward(x, w_gate, w_up, w_down, first, count, block_size, store):
   """y, and (if store) the pre-activations a = x W_gate and u = x W_up of every row."""
   dt = x.dtype
   rows, f = x.shape[0], w_gate.shape[-1]
-  first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
 
   def expert(carry, xs):
     wg, wu, wd, start, n = xs
@@ -145,10 +150,10 @@ def _forward(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size, stor
   return out
 
 
-def _fwd(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
-  y, a_rows, u_rows = _forward(x, w_gate, w_up, w_down, block_expert, num_blocks,
-                               block_size, store=True)
-  return y, (x, a_rows, u_rows, w_gate, w_up, w_down, block_expert, num_blocks)
+def _fwd(x, w_gate, w_up, w_down, first, count, block_size):
+  y, a_rows, u_rows = _forward(x, w_gate, w_up, w_down, first, count, block_size,
+                               store=True)
+  return y, (x, a_rows, u_rows, w_gate, w_up, w_down, first, count)
 
 
 def _bwd(block_size, res, dy):
@@ -157,10 +162,9 @@ def _bwd(block_size, res, dy):
       dx = da W_gate^T + du W_up^T
       dW_down += h^T dy,  dW_gate += x^T da,  dW_up += x^T du
   Weight gradients are summed in float32 (or wider) over an expert's blocks."""
-  x, a_rows, u_rows, w_gate, w_up, w_down, block_expert, num_blocks = res
+  x, a_rows, u_rows, w_gate, w_up, w_down, first, count = res
   dt = x.dtype
   acc = jnp.promote_types(w_gate.dtype, jnp.float32)
-  first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
   outer = partial(jnp.matmul, preferred_element_type=acc)
 
   def expert(dx, xs):

@@ -6,8 +6,11 @@
 G groups of n SwiGLU experts; all experts of group g are W_g wide, and widths
 differ between groups (the paper: 384 .. 1280 in steps of 128, mean 832, i.e.
 0.81 of a homogeneous MoE of width 1024 at equal expert count). Each group is a
-stack [n, d, W_g] run through a dropless dispatch backend with only that
-group's pairs, so compute follows the widths actually chosen, never the widest.
+stack [n, d, W_g]. With the `sorted` backend all groups share one sorted
+layout (one sort, one token gather) and each group's block loop visits only
+its experts' blocks (dispatch/sorted_blocks.py); `ragged_dot` and expert
+parallelism run once per group with only that group's pairs. Either way
+compute follows the widths actually chosen, never the widest.
 Under expert parallelism every group's stack is split over `expert` (n must be
 a multiple of EP): shard s then holds the same share of every width, which is
 the paper's all-size group-decoupling placement (mohge_placement.py).
@@ -34,6 +37,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import dispatch, sharding
+from moejax.dispatch.sorted_blocks import expert_rows_sorted_groups
 from moejax.expert_parallel import expert_parallel_ffn
 from moejax.model import load_balance as lb
 from moejax.model import mohge_balance
@@ -110,6 +114,10 @@ class MoHGE(nnx.Module):
     mesh = sharding.active_mesh()
     expert_parallel = mesh is not None and mesh.shape["expert"] > 1
     n = self.per_group
+    if self.backend == "sorted" and not expert_parallel:
+      stacks = [(g.w_gate[...], g.w_up[...], g.w_down[...]) for g in self.groups]
+      return expert_rows_sorted_groups(tokens, expert_idx, weights, stacks,
+                                       block_size=self.block_size)
     y = jnp.zeros(tokens.shape, jnp.float32)
     for g, group in enumerate(self.groups):
       idx = jnp.where(expert_idx // n == g, expert_idx % n, n).astype(jnp.int32)
