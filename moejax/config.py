@@ -106,6 +106,10 @@ def _validate_moe(cfg, axes: dict) -> None:
   _require(0 <= e.first_dense_layers <= cfg.model.num_layers,
            f"--config.moe.first_dense_layers={e.first_dense_layers} must lie in "
            f"[0, model.num_layers={cfg.model.num_layers}].")
+  tp = axes["tensor"]
+  _require(e.expert_ffn_dim % tp == 0,
+           f"--config.moe.expert_ffn_dim={e.expert_ffn_dim} is not divisible by the tensor "
+           f"mesh axis ({tp}), which splits each expert's width; change one of them.")
   ep = axes["expert"]
   _require(e.num_experts % ep == 0,
            f"--config.moe.num_experts={e.num_experts} is not divisible by the expert "
@@ -174,6 +178,11 @@ def _validate_mohge(cfg, axes: dict) -> None:
   _require(0.0 <= h.group_aux_start_fraction <= 1.0,
            f"--config.mohge.group_aux_start_fraction={h.group_aux_start_fraction} must "
            "lie in [0, 1].")
+  tp = axes["tensor"]
+  _require(all(w % tp == 0 for w in widths),
+           f"--config.mohge.group_widths={widths} must all be divisible by the tensor "
+           f"mesh axis ({tp}), which splits each expert's width; change the widths or "
+           "--config.mesh.tensor.")
   ep = axes["expert"]
   _require(h.experts_per_group % ep == 0,
            f"--config.mohge.experts_per_group={h.experts_per_group} is not divisible by "

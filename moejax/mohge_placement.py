@@ -11,6 +11,11 @@ experts j in [s n/EP, (s+1) n/EP) of every group, which is exactly how MoHGE's
 per-group weight stacks are split over the `expert` mesh axis (mohge.py).
 
 A shard's load is sum over its experts of tokens_e * W_e (FLOPs up to 6 d).
+
+For an odd G the authors' closed form for an expert's width,
+(G + ((e mod G + 1) // 2) (-1)^(e mod 2)) mod G, disagrees with their router's
+permutation on every other run of G (it reads e mod 2 where p mod 2 is meant);
+we follow the router. The paper uses G = 8, where the two agree.
 """
 
 import numpy as np

@@ -24,7 +24,8 @@ claim); router init std is model.init_std (the paper: 0.008 for everything);
 statistics over the global batch (Megatron's are per micro-batch).
 
 aux metrics: active_params (router + shared + 3 d sum of the chosen widths, the
-batch mean per token: routing decides it), mean_routed_width,
+batch mean per token: routing decides it), routed_width (the sum of the k
+chosen experts' widths, mean over tokens),
 group_share/layer_NN ([G] share of pairs per group), expert_load/layer_NN ([E]
 in the decoupled placement order), load_entropy, load_max_over_mean.
 """
@@ -74,7 +75,8 @@ class MoHGE(nnx.Module):
     self.top_groups, self.top_k, self.gate = h.top_groups, h.top_k, h.gate
     self.backend, self.block_size = h.backend, h.block_size
     self.group_coef, self.intra_coef = h.group_aux_coef, h.intra_aux_coef
-    self.group_aux_from_step = int(h.group_aux_start_fraction * cfg.train.steps)
+    # floor(fraction * steps), robust to 0.29 * 100 = 28.999...
+    self.group_aux_from_step = math.floor(h.group_aux_start_fraction * cfg.train.steps + 1e-9)
     self.width_interval = h.group_aux_width_interval
     self.d_model, self.shared_width = m.d_model, h.shared_ffn_dim
     self.group_router = param(rngs, (m.d_model, self.num_groups), ("embed", None),
@@ -139,7 +141,7 @@ class MoHGE(nnx.Module):
     router_params = self.d_model * (self.num_groups + self.num_experts)
     aux = lb.health_metrics(counts, jnp.int32(0))
     del aux["dropped_fraction"]
-    aux["mean_routed_width"] = routed_width
+    aux["routed_width"] = routed_width
     aux["active_params"] = (router_params + 3 * self.d_model * self.shared_width
                             + 3 * self.d_model * routed_width)
     tag = f"layer_{self.layer_index:02d}"
@@ -156,6 +158,6 @@ class MoHGE(nnx.Module):
       aux["group_balance"] = loss
       if train and step is not None:
         # Megatron: coeff if global_step > train_iters // 2 else 0 (1-based steps).
-        on = (step + 1 > self.group_aux_from_step).astype(jnp.float32)
+        on = jnp.asarray(step + 1 > self.group_aux_from_step, jnp.float32)
         aux["loss/group_balance"] = self.group_coef * on * loss
     return aux
