@@ -30,50 +30,15 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import sharding
-from moejax.atomic_parallel import atomic_expert_parallel
-from moejax.model import load_balance as lb
-from moejax.model.atomic_experts import atomic_ffn
+from moejax.model.atomic_layer import AtomicLayer, atomic_tables, shared_swiglu
 from moejax.model.batch_norm import TokenBatchNorm
-from moejax.model.dense_ffn import SwiGLU
 from moejax.model.params import param
 from moejax.model.product_router import GRID_TOPK, grid_side
 
 
-def atomic_tables(rngs, num_experts: int, d_model: int, std: float, dtype):
-  """The input and output vector tables of N atomic experts, [N, d] each."""
-  axes = ("expert", "embed")
-  return (param(rngs, (num_experts, d_model), axes, std=std, dtype=dtype),
-          param(rngs, (num_experts, d_model), axes, std=std, dtype=dtype))
+class OmniMoE(AtomicLayer):
 
-
-def shared_swiglu(cfg, width: int, rngs):
-  m = cfg.model
-  return nnx.data(SwiGLU(m.d_model, width, init_std=m.init_std, num_layers=m.num_layers,
-                         rngs=rngs, compute_dtype=m.compute_dtype,
-                         param_dtype=m.param_dtype) if width > 0 else None)
-
-
-def routed_atomic(path, tokens, expert_idx, gates, expert_in, expert_out, activation):
-  """Atomic experts, through expert parallelism when the mesh has an expert axis."""
-  mesh = sharding.active_mesh()
-  if mesh is not None and mesh.shape["expert"] > 1:
-    return atomic_expert_parallel(path, tokens, expert_idx, gates, expert_in, expert_out,
-                                  mesh=mesh, activation=activation)
-  return atomic_ffn(path, tokens, expert_idx, gates, expert_in, expert_out,
-                    activation=activation)
-
-
-def atomic_health(expert_idx, gates, num_experts: int) -> dict:
-  counts = lb.expert_counts(expert_idx, num_experts)
-  aux = lb.health_metrics(counts, jnp.int32(0))
-  del aux["dropped_fraction"]
-  aux["dead_fraction"] = jnp.mean((counts == 0).astype(jnp.float32))
-  aux["gate_mass"] = jnp.mean(jnp.sum(gates, axis=-1))
-  return aux
-
-
-class OmniMoE(nnx.Module):
+  activation = "silu"
 
   def __init__(self, cfg, layer_index: int, rngs: nnx.Rngs):
     m, a = cfg.model, cfg.atomic
@@ -103,17 +68,7 @@ class OmniMoE(nnx.Module):
     scores, idx = GRID_TOPK[self.router](la, lb_, self.top_k)
     return jnp.exp(scores), idx
 
-  def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
-    del token_ids, loop_index, step
-    batch, seq, d_model = x.shape
-    x = x.astype(self.dtype)
-    tokens = x.reshape(batch * seq, d_model)
-    gates, idx = self.route(tokens, train=train)
-    y = routed_atomic(self.path, tokens, idx, gates, self.expert_in[...],
-                      self.expert_out[...], "silu").reshape(batch, seq, d_model)
-    if self.shared is not None:
-      y = y + self.shared(x)[0]
-    aux = atomic_health(idx, gates, self.num_experts)
-    aux["router_bn_mean_abs"] = 0.5 * (jnp.mean(jnp.abs(self.norm_x.running_mean[...]))
-                                       + jnp.mean(jnp.abs(self.norm_y.running_mean[...])))
-    return y, aux
+  def extra_metrics(self) -> dict:
+    drift = 0.5 * (jnp.mean(jnp.abs(self.norm_x.running_mean[...]))
+                   + jnp.mean(jnp.abs(self.norm_y.running_mean[...])))
+    return {"router_bn_mean_abs": drift}

@@ -24,12 +24,14 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.batch_norm import TokenBatchNorm
-from moejax.model.omnimoe import atomic_health, atomic_tables, routed_atomic, shared_swiglu
+from moejax.model.atomic_layer import AtomicLayer, atomic_tables, shared_swiglu
 from moejax.model.params import param
 from moejax.model.product_router import GRID_TOPK, grid_side
 
 
-class PEER(nnx.Module):
+class PEER(AtomicLayer):
+
+  activation = "gelu"
 
   def __init__(self, cfg, layer_index: int, rngs: nnx.Rngs):
     m, a = cfg.model, cfg.atomic
@@ -65,15 +67,3 @@ class PEER(nnx.Module):
     scores, idx = GRID_TOPK[self.router](a, b, self.top_k)
     gates = jax.nn.softmax(scores, axis=-1)
     return gates.reshape(num_tokens, -1), idx.reshape(num_tokens, -1)
-
-  def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
-    del token_ids, loop_index, step
-    batch, seq, d_model = x.shape
-    x = x.astype(self.dtype)
-    tokens = x.reshape(batch * seq, d_model)
-    gates, idx = self.route(tokens, train=train)
-    y = routed_atomic(self.path, tokens, idx, gates, self.expert_in[...],
-                      self.expert_out[...], "gelu").reshape(batch, seq, d_model)
-    if self.shared is not None:
-      y = y + self.shared(x)[0]
-    return y, atomic_health(idx, gates, self.num_experts)
