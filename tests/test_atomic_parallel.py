@@ -24,6 +24,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import sharding
 from moejax.model import sublayers
 from tests.helpers import tiny_config
+from tests.sharded_layer import loss_and_grads
 
 D = 16
 
@@ -38,29 +39,7 @@ def _layer_cfg(sublayer, **atomic):
 
 def _loss_and_grads(cfg, x, mesh=None):
   layer = sublayers.build(cfg, 1, nnx.Rngs(params=0))
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  # rest (the BatchNorm statistics) is written in train mode: it is an argument
-  # of the differentiated function so that it is traced at the grad's level.
-  def loss_fn(params, rest, x):
-    model = nnx.merge(graphdef, params, rest)
-    y, aux = model(x, train=True)
-    # A fixed random projection makes every output element matter.
-    proj = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
-    new_rest = nnx.state(model, nnx.BatchStat)
-    return jnp.sum(y * proj), (y, aux, new_rest)
-
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1, 2), has_aux=True))
-  if mesh is None:
-    (loss, (y, aux, new_rest)), grads = grad_fn(params, rest, x)
-  else:
-    with sharding.use_mesh(mesh, cfg.sharding.rules):
-      params = jax.device_put(params, sharding.state_shardings(params, mesh, cfg.sharding.rules))
-      rest = jax.device_put(rest, sharding.state_shardings(rest, mesh, cfg.sharding.rules))
-      x = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH_AXES, None, None)))
-      (loss, (y, aux, new_rest)), grads = grad_fn(params, rest, x)
-  grads_p, grads_x = grads[0], grads[2]
-  return jax.device_get((loss, y, aux, nnx.to_pure_dict(new_rest), grads_p, grads_x))
+  return loss_and_grads(cfg, layer, x, mesh=mesh)
 
 
 _REFERENCE: dict = {}

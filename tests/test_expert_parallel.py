@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import sharding
 from moejax.model import sublayers
 from tests.helpers import tiny_config
+from tests.sharded_layer import loss_and_grads
 
 
 def _layer_cfg(**moe):
@@ -27,25 +28,9 @@ def _layer_cfg(**moe):
 
 def _loss_and_grads(cfg, x, mesh=None):
   layer = sublayers.build(cfg, 1, nnx.Rngs(params=0))
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss_fn(params, x):
-    model = nnx.merge(graphdef, params, rest)
-    y, aux = model(x, train=True)
-    # A fixed random projection makes every output element matter.
-    proj = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
-    return jnp.sum(y * proj) + aux["loss/load_balance"], (y, aux)
-
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  if mesh is None:
-    (loss, (y, aux)), grads = grad_fn(params, x)
-  else:
-    with sharding.use_mesh(mesh, cfg.sharding.rules):
-      p_sh = sharding.state_shardings(params, mesh, cfg.sharding.rules)
-      params = jax.device_put(params, p_sh)
-      x = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH_AXES, None, None)))
-      (loss, (y, aux)), grads = grad_fn(params, x)
-  return jax.device_get((loss, y, aux, grads))
+  loss, y, aux, _, gp, gx = loss_and_grads(cfg, layer, x, mesh=mesh,
+                                           aux_losses=("loss/load_balance",))
+  return loss, y, aux, (gp, gx)
 
 
 @pytest.mark.parametrize("mesh_shape", [

@@ -23,6 +23,7 @@ from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.model import sublayers
 from tests.helpers import tiny_config
+from tests.sharded_layer import loss_and_grads
 
 D = 32
 STEP = 7  # steps=10, start fraction 0.5: the group loss is on
@@ -52,25 +53,10 @@ def _x():
 
 
 def _loss_and_grads(cfg, x, mesh=None):
-  layer = _layer(cfg)
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss_fn(params, x):
-    y, aux = nnx.merge(graphdef, params, rest)(x, step=jnp.int32(STEP), train=True)
-    # A fixed random projection makes every output element matter.
-    proj = jnp.cos(jnp.arange(y.size, dtype=jnp.float32).reshape(y.shape))
-    return jnp.sum(y * proj) + aux["loss/intra_group"] + aux["loss/group_balance"], (y, aux)
-
-  grad_fn = jax.jit(jax.value_and_grad(loss_fn, argnums=(0, 1), has_aux=True))
-  if mesh is None:
-    (loss, (y, aux)), grads = grad_fn(params, x)
-  else:
-    with sharding.use_mesh(mesh, cfg.sharding.rules):
-      p_sh = sharding.state_shardings(params, mesh, cfg.sharding.rules)
-      params = jax.device_put(params, p_sh)
-      x = jax.device_put(x, NamedSharding(mesh, P(sharding.BATCH_AXES, None, None)))
-      (loss, (y, aux)), grads = grad_fn(params, x)
-  return jax.device_get((loss, y, aux, grads))
+  loss, y, aux, _, gp, gx = loss_and_grads(
+      cfg, _layer(cfg), x, mesh=mesh, aux_losses=("loss/intra_group", "loss/group_balance"),
+      step=jnp.int32(STEP))
+  return loss, y, aux, (gp, gx)
 
 
 @functools.lru_cache(maxsize=None)

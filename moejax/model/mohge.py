@@ -34,7 +34,6 @@ import math
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from moejax import dispatch, sharding
@@ -92,7 +91,7 @@ class MoHGE(nnx.Module):
         rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
         if h.shared_ffn_dim > 0 else None)
     order = expert_order(self.num_groups, self.per_group, "decoupled")
-    self._decoupled = np.array([g * self.per_group + j for g, j in order])
+    self._decoupled = tuple(g * self.per_group + j for g, j in order)  # static
 
   def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
     del token_ids, loop_index
@@ -146,7 +145,8 @@ class MoHGE(nnx.Module):
                             + 3 * self.d_model * routed_width)
     tag = f"layer_{self.layer_index:02d}"
     aux[f"group_share/{tag}"] = group_counts / jnp.maximum(jnp.sum(group_counts), 1)
-    aux[f"expert_load/{tag}"] = (counts / jnp.maximum(jnp.sum(counts), 1))[self._decoupled]
+    aux[f"expert_load/{tag}"] = (counts / jnp.maximum(jnp.sum(counts), 1))[
+        jnp.asarray(self._decoupled)]
     if self.intra_coef > 0:
       aux["loss/intra_group"] = self.intra_coef * mohge_balance.intra_group_loss(
           routing.expert_idx, routing.weights, num_experts=self.num_experts,
