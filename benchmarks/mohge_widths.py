@@ -1,10 +1,11 @@
 """MoHGE: does routed expert compute follow the widths actually chosen?
 
 MoHGE (moejax/model/mohge.py) keeps G groups of n SwiGLU experts, every expert
-of group g W_g wide, and runs each group's stack through a dropless dispatch
-backend with only that group's pairs (`MoHGE._routed`: one `dispatch.expert_ffn`
-call per group, ids of other groups remapped to "no expert"). The claim: the
-cost follows the widths the router picked, not the widest group.
+of group g W_g wide. `MoHGE._routed` runs them with the `sorted` backend in one
+sorted layout shared by all groups (each group's block loop visits only its own
+experts' blocks), or with `ragged_dot` once per group with only that group's
+pairs. The claim: the cost follows the widths the router picked, not the
+widest group.
 
 Routing is forced by calling the layer's own `MoHGE._routed(tokens, expert_idx,
 weights, train)` with a hand-made expert_idx (group-major ids g * n + j) and
@@ -17,8 +18,8 @@ w.r.t. the expert weights of every group and the tokens. Cases:
                between
   uniform      (c) token t uses groups t mod G, t+1 mod G, ... (top_groups of
                them, k / top_groups slots each): every group gets T k / G pairs
-  no pairs     every id is "no expert": the per-group dispatch overhead (sort,
-               gathers over T k rows, for each of the G groups) with no matmul
+  no pairs     every id is "no expert": the dispatch overhead (sort, gathers
+               over T k rows, buffers) with no matmul
 
 Both backends compile one executable each (shapes are static: every group's
 buffers are sized for all T k pairs), called with each case's routing.
@@ -224,13 +225,13 @@ def main(argv):
       f"- layer: configs/mohge.py:{FLAGS.preset} with d and widths per table row, "
       f"{FLAGS.experts_per_group} experts per group, top_groups={FLAGS.top_groups}, "
       f"top_k={FLAGS.top_k}; T={FLAGS.tokens}, float32",
-      "- timed: jit(value_and_grad(mean(y^2))) of `MoHGE._routed` (the per-group "
-      "`dispatch.expert_ffn` loop) w.r.t. all expert weights and the tokens, with a "
+      "- timed: jit(value_and_grad(mean(y^2))) of `MoHGE._routed` (sorted: one shared "
+      "layout; ragged_dot: one call per group) w.r.t. all expert weights and the tokens, with a "
       "hand-made expert_idx (router not run; one executable per backend, called with each "
       f"case's routing); median of {FLAGS.repeats} interleaved rounds",
       "- analytic FLOPs (fwd+bwd) = 18 d T k mean(W) (6 d W per pair forward)",
-      "- floor = the no-pairs case: per-group sort, block layout, row gathers and the "
-      "block kernel's buffers (sized for all T k rows in every group), no matmul", "",
+      "- floor = the no-pairs case: sort, block layout, row gathers and the block "
+      "kernel's buffers (sized for all T k rows), no matmul", "",
       "| d | backend | case | mean W | pairs per group | ms | GFLOP fwd+bwd | GFLOP/s | "
       "temp MiB |",
       "|---|---|---|---|---|---|---|---|---|"]
