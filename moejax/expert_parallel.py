@@ -31,6 +31,11 @@ from moejax.dispatch.gather import dispatch_rows, gather_pairs
 from moejax.sharding import BATCH_AXES
 
 
+# (w_gate, w_up, w_down) stacks: experts over `expert`, the hidden width over `tensor`.
+SWIGLU_SPECS = (P("expert", None, "tensor"), P("expert", None, "tensor"),
+                P("expert", "tensor", None))
+
+
 def send_capacity(pairs_per_device: int, ep: int, ep_capacity_factor: float) -> int:
   if ep_capacity_factor <= 0:
     return pairs_per_device
@@ -40,17 +45,40 @@ def send_capacity(pairs_per_device: int, ep: int, ep_capacity_factor: float) -> 
 def expert_parallel_ffn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, mesh,
                         local_backend: str, block_size: int, ep_capacity_factor: float):
   """Same contract as dispatch.expert_ffn; returns (y, dropped pairs over all shards)."""
+  local_experts = w_gate.shape[0] // mesh.shape["expert"]
+
+  def local_ffn(rows, ids, weights):
+    wg, wu, wd = weights
+    out, _ = dispatch.expert_ffn(local_backend, rows, ids, jnp.ones(ids.shape, jnp.float32),
+                                 wg, wu, wd, block_size=block_size)
+    return out
+
+  return exchange_ffn(x, expert_idx, combine_weights, (w_gate, w_up, w_down),
+                      SWIGLU_SPECS, num_experts=w_gate.shape[0], mesh=mesh,
+                      shard_and_local=lambda e: (e // local_experts, e % local_experts),
+                      num_local=local_experts, local_ffn=local_ffn,
+                      ep_capacity_factor=ep_capacity_factor)
+
+
+def exchange_ffn(x, expert_idx, combine_weights, weights, weight_specs, *, num_experts: int,
+                 mesh, shard_and_local, num_local: int, local_ffn,
+                 ep_capacity_factor: float):
+  """Steps 1-4 of the module docstring around any local expert computation.
+
+  shard_and_local(e) -> (shard holding expert e, its id among that shard's
+  num_local experts); local_ffn(rows [R, d], ids [R, 1], weights) runs the local
+  experts on the received rows (id num_local = an empty slot); `weights` is a
+  tuple of expert stacks, split as `weight_specs` says."""
   ep = mesh.shape["expert"]
-  num_experts = w_gate.shape[0]
-  local_experts = num_experts // ep
   batch = P(BATCH_AXES, None)
 
-  def per_shard(x, idx, cw, wg, wu, wd):
+  def per_shard(x, idx, cw, *weights):
     num_tokens, k = idx.shape
     num_pairs = num_tokens * k
     cap = send_capacity(num_pairs, ep, ep_capacity_factor)
     flat = idx.reshape(-1)
-    dest = jnp.where(flat < num_experts, flat // local_experts, ep)
+    shard, local = shard_and_local(flat)
+    dest = jnp.where(flat < num_experts, shard, ep)
     order = jnp.argsort(dest, stable=True).astype(jnp.int32)
     dest_sorted = dest[order]
     sizes = jnp.bincount(dest, length=ep + 1)[:ep]
@@ -62,15 +90,12 @@ def expert_parallel_ffn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *,
     pair_slot = jnp.zeros(num_pairs, jnp.int32).at[order].set(slot)
     slot_pair = jnp.full(ep * cap, num_pairs, jnp.int32).at[slot].set(order, mode="drop")
     send = dispatch_rows(x, slot_pair, pair_slot, k).reshape(ep, cap, -1)
-    slot_expert = jnp.take(flat, slot_pair, mode="fill", fill_value=num_experts)
-    local_id = jnp.where(slot_expert < num_experts, slot_expert % local_experts,
-                         local_experts).reshape(ep, cap)
+    local_of_pair = jnp.where(flat < num_experts, local, num_local)
+    local_id = jnp.take(local_of_pair, slot_pair, mode="fill",
+                        fill_value=num_local).reshape(ep, cap)
     recv = jax.lax.all_to_all(send, "expert", 0, 0)
     recv_id = jax.lax.all_to_all(local_id, "expert", 0, 0)
-    rows = recv.reshape(ep * cap, -1)
-    out, _ = dispatch.expert_ffn(local_backend, rows, recv_id.reshape(-1, 1),
-                                 jnp.ones((ep * cap, 1), jnp.float32), wg, wu, wd,
-                                 block_size=block_size)
+    out = local_ffn(recv.reshape(ep * cap, -1), recv_id.reshape(-1, 1), weights)
     out = jax.lax.psum(out, "tensor")
     back = jax.lax.all_to_all(out.reshape(ep, cap, -1), "expert", 0, 0)
     pair_out = gather_pairs(back.reshape(ep * cap, -1), pair_slot, slot_pair)
@@ -79,8 +104,6 @@ def expert_parallel_ffn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *,
     dropped = jax.lax.psum(jnp.sum(routed & ~kept).astype(jnp.int32), BATCH_AXES)
     return y, dropped
 
-  w_in_spec = P("expert", None, "tensor")
   return jax.shard_map(
-      per_shard, mesh=mesh,
-      in_specs=(batch, batch, batch, w_in_spec, w_in_spec, P("expert", "tensor", None)),
-      out_specs=(batch, P()))(x, expert_idx, combine_weights, w_gate, w_up, w_down)
+      per_shard, mesh=mesh, in_specs=(batch, batch, batch, *weight_specs),
+      out_specs=(batch, P()))(x, expert_idx, combine_weights, *weights)

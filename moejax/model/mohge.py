@@ -8,12 +8,12 @@ differ between groups (the paper: 384 .. 1280 in steps of 128, mean 832, i.e.
 0.81 of a homogeneous MoE of width 1024 at equal expert count). Each group is a
 stack [n, d, W_g]. With the `sorted` backend all groups share one sorted
 layout (one sort, one token gather) and each group's block loop visits only
-its experts' blocks (dispatch/sorted_blocks.py); `ragged_dot` and expert
-parallelism run once per group with only that group's pairs. Either way
-compute follows the widths actually chosen, never the widest.
-Under expert parallelism every group's stack is split over `expert` (n must be
-a multiple of EP): shard s then holds the same share of every width, which is
-the paper's all-size group-decoupling placement (mohge_placement.py).
+its experts' blocks (dispatch/sorted_blocks.py); `ragged_dot` runs once per
+group with only that group's pairs. Either way compute follows the widths
+actually chosen, never the widest. Under expert parallelism every group's
+stack is split over `expert` (n must be a multiple of EP), so shard s holds the
+same share of every width, which is the paper's all-size group-decoupling
+placement (mohge_placement.py); one all-to-all carries all groups' pairs.
 
 Losses (mohge_balance.py): the size-weighted group loss (alpha_g, switched on
 after `group_aux_start_fraction` of training, as the authors' global-step
@@ -38,13 +38,31 @@ from flax import nnx
 
 from moejax import dispatch, sharding
 from moejax.dispatch.sorted_blocks import expert_rows_sorted_groups
-from moejax.expert_parallel import expert_parallel_ffn
+from moejax.expert_parallel import SWIGLU_SPECS, exchange_ffn
 from moejax.model import load_balance as lb
 from moejax.model import mohge_balance
 from moejax.model.dense_ffn import SwiGLU
 from moejax.model.group_router import route_groups
 from moejax.model.params import param
 from moejax.mohge_placement import expert_order
+
+
+def grouped_swiglu(backend: str, tokens, expert_idx, weights, stacks, *, block_size: int):
+  """Experts of several widths; ids are group-major over `stacks` [(w_gate, w_up,
+  w_down), ...], an id past the last expert means none. `sorted`: one shared
+  layout; any other dropless backend: one call per group with its pairs only."""
+  if backend == "sorted":
+    return expert_rows_sorted_groups(tokens, expert_idx, weights, stacks,
+                                     block_size=block_size)
+  y, offset = jnp.zeros(tokens.shape, jnp.float32), 0
+  for w_gate, w_up, w_down in stacks:
+    n = w_gate.shape[0]
+    inside = (expert_idx >= offset) & (expert_idx < offset + n)
+    idx = jnp.where(inside, expert_idx - offset, n).astype(jnp.int32)
+    out, _ = dispatch.expert_ffn(backend, tokens, idx, weights, w_gate, w_up, w_down,
+                                 block_size=block_size)
+    y, offset = y + out.astype(jnp.float32), offset + n
+  return y.astype(tokens.dtype)
 
 
 class ExpertGroup(nnx.Module):
@@ -113,23 +131,32 @@ class MoHGE(nnx.Module):
   def _routed(self, tokens, expert_idx, weights, train):
     del train  # every backend used here is dropless
     mesh = sharding.active_mesh()
-    expert_parallel = mesh is not None and mesh.shape["expert"] > 1
-    n = self.per_group
-    if self.backend == "sorted" and not expert_parallel:
-      stacks = [(g.w_gate[...], g.w_up[...], g.w_down[...]) for g in self.groups]
-      return expert_rows_sorted_groups(tokens, expert_idx, weights, stacks,
-                                       block_size=self.block_size)
-    y = jnp.zeros(tokens.shape, jnp.float32)
-    for g, group in enumerate(self.groups):
-      idx = jnp.where(expert_idx // n == g, expert_idx % n, n).astype(jnp.int32)
-      args = (tokens, idx, weights, group.w_gate[...], group.w_up[...], group.w_down[...])
-      if expert_parallel:
-        out, _ = expert_parallel_ffn(*args, mesh=mesh, local_backend=self.backend,
-                                     block_size=self.block_size, ep_capacity_factor=0.0)
-      else:
-        out, _ = dispatch.expert_ffn(self.backend, *args, block_size=self.block_size)
-      y = y + out.astype(jnp.float32)
-    return y.astype(tokens.dtype)
+    stacks = [(g.w_gate[...], g.w_up[...], g.w_down[...]) for g in self.groups]
+    if mesh is not None and mesh.shape["expert"] > 1:
+      y, _ = self._expert_parallel(tokens, expert_idx, weights, stacks, mesh)
+      return y
+    return grouped_swiglu(self.backend, tokens, expert_idx, weights, stacks,
+                          block_size=self.block_size)
+
+  def _expert_parallel(self, tokens, expert_idx, weights, stacks, mesh):
+    """One all-to-all for all groups: shard s holds experts j in [s m, (s+1) m) of
+    every group (m = n / EP), numbered group-major among its G m local experts."""
+    n, m = self.per_group, self.per_group // mesh.shape["expert"]
+
+    def shard_and_local(e):
+      g, j = e // n, e % n
+      return j // m, g * m + j % m
+
+    def local_ffn(rows, ids, local_stacks):
+      triples = [tuple(local_stacks[3 * i:3 * i + 3]) for i in range(self.num_groups)]
+      return grouped_swiglu(self.backend, rows, ids, jnp.ones(ids.shape, jnp.float32),
+                            triples, block_size=self.block_size)
+
+    flat = tuple(w for triple in stacks for w in triple)
+    return exchange_ffn(tokens, expert_idx, weights, flat, SWIGLU_SPECS * self.num_groups,
+                        num_experts=self.num_experts, mesh=mesh,
+                        shard_and_local=shard_and_local, num_local=self.num_groups * m,
+                        local_ffn=local_ffn, ep_capacity_factor=0.0)
 
   def _aux(self, group_logits, routing, step, train):
     num_tokens = group_logits.shape[0]
