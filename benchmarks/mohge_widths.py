@@ -8,7 +8,7 @@ pairs. The claim: the cost follows the widths the router picked, not the
 widest group.
 
 Routing is forced by calling the layer's own `MoHGE._routed(tokens, expert_idx,
-weights, train)` with a hand-made expert_idx (group-major ids g * n + j) and
+weights)` with a hand-made expert_idx (group-major ids g * n + j) and
 uniform weights 1/k; the router and route_groups are not run, everything after
 them is the layer's code. Forward+backward = jit(value_and_grad(mean(y^2)))
 w.r.t. the expert weights of every group and the tokens. Cases:
@@ -145,7 +145,7 @@ def run() -> dict:
       # case: the cases differ only in the routing they are called with.
       def loss(params, tokens_, idx_, graphdef=graphdef, rest=rest):
         layer_ = nnx.merge(graphdef, params, rest)
-        y = layer_._routed(tokens_, idx_, weights, True)  # pylint: disable=protected-access
+        y = layer_._routed(tokens_, idx_, weights)  # pylint: disable=protected-access
         return jnp.mean(jnp.square(y.astype(jnp.float32)))
 
       t0 = time.perf_counter()

@@ -4,12 +4,18 @@ The [N, d] tables U and V are split into EP row blocks, one per `expert` shard.
 A token's k experts are scattered over the whole table, so instead of sending
 each (token, slot) pair to its expert's shard (k rows of d per token, as the
 top-k MoE does in expert_parallel.py) every shard gathers the tokens of its
-`expert` group once (all_gather: (EP - 1) rows of d per token), computes the
-pairs whose expert it holds (the others count as "no expert"), and the partial
-outputs are summed and split back with one reduce-scatter. Whenever EP <= k
-this moves no more data than the all-to-all would, and it needs no buffer
-capacity, so it never drops a pair. Routing (and its BatchNorm statistics)
-stays outside, on global arrays.
+`expert` group once (all_gather: (EP - 1) rows of d per token), evaluates the
+pairs with the experts of other shards counted as "no expert" (they read zero
+rows and add nothing), and the partial outputs are summed in float32 and split
+back with one reduce-scatter. Whenever EP <= k this moves no more data than
+the all-to-all would, needs no buffer capacity, and never drops a pair.
+
+The cost: every shard evaluates all EP * T_l * k pairs of its group (the
+foreign ones as zeros), i.e. EP times the per-device work of data parallelism,
+in exchange for holding 1/EP of the tables. Use it when the tables do not fit
+on one device; otherwise plain data/fsdp parallelism is cheaper. Compacting
+the local pairs (a dynamic trip count over them) is future work. Routing and
+its BatchNorm statistics stay outside, on global arrays.
 """
 
 import jax
@@ -36,8 +42,9 @@ def atomic_expert_parallel(path: str, x, expert_idx, gates, up, down, *, mesh,
     # One varying-axes type for tokens and tables (custom VJPs inside need it).
     zero = varying_zeros((), jnp.float32, xg, up, down)
     xg, gg = xg + zero.astype(xg.dtype), gg + zero.astype(gg.dtype)
-    y = atomic_ffn(path, xg, local_idx, gg, up, down, activation=activation)
-    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True)
+    y = atomic_ffn(path, xg, local_idx, gg, up, down, activation=activation,
+                   out_dtype=jnp.float32)
+    return jax.lax.psum_scatter(y, "expert", scatter_dimension=0, tiled=True).astype(x.dtype)
 
   batch = P(BATCH_AXES, None)
   return jax.shard_map(

@@ -59,6 +59,13 @@ class Checkpointer:
     logging.info("Restored checkpoint at step %d from %s", step, self.directory)
     return restored.state, dict(restored.meta)
 
+  def restore_arrays(self, step: int) -> dict:
+    """The saved state as nested dicts of host arrays (for inspection: no
+    shardings, no abstract state needed)."""
+    restored = self._manager.restore(
+        int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    return restored.state
+
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster announced a preemption (multi-process runs)."""
     if jax.process_count() == 1:

@@ -25,6 +25,12 @@ _DTYPES = ("float32", "bfloat16", "float16")
 RESUME_FIXED_FIELDS = (
     "model", "data.name", "data.tokenizer", "data.vocab_size", "data.seq_len",
     "data.train_split", "data.text_key", "train.global_batch", "seed",
+    # sublayer fields that fix parameter or state shapes
+    "moe.num_experts", "moe.expert_ffn_dim", "moe.num_shared_experts",
+    "moe.first_dense_layers", "moe.bias_update_rate",
+    "atomic.num_experts", "atomic.shared_ffn_dim", "atomic.peer_heads",
+    "atomic.peer_query_dim", "atomic.peer_query_batchnorm",
+    "mohge.group_widths", "mohge.experts_per_group", "mohge.shared_ffn_dim",
 )
 # What identifies the data itself (recorded by moejax.data.dataset_info): the
 # same config can point at different data (another data_dir, another Python's
@@ -106,7 +112,7 @@ def _validate_moe(cfg, axes: dict) -> None:
   _require(0 <= e.first_dense_layers <= cfg.model.num_layers,
            f"--config.moe.first_dense_layers={e.first_dense_layers} must lie in "
            f"[0, model.num_layers={cfg.model.num_layers}].")
-  tp = axes["tensor"]
+  tp = axes["tensor"] if axes["expert"] > 1 else 1  # only the EP shard_map splits it
   _require(e.expert_ffn_dim % tp == 0,
            f"--config.moe.expert_ffn_dim={e.expert_ffn_dim} is not divisible by the tensor "
            f"mesh axis ({tp}), which splits each expert's width; change one of them.")
@@ -159,6 +165,10 @@ def _validate_mohge(cfg, axes: dict) -> None:
   _require(len(widths) >= 1 and all(isinstance(w, int) and w > 0 for w in widths),
            f"--config.mohge.group_widths={widths} must be a tuple of positive integers, "
            "one per group.")
+  _require(all(a < b for a, b in zip(widths, widths[1:])),
+           f"--config.mohge.group_widths={widths} must increase strictly from group to "
+           "group (the size weights of the group loss and the decoupled placement "
+           "assume it).")
   _positive("mohge", h, "experts_per_group", "top_groups", "top_k")
   _require(h.top_groups <= len(widths),
            f"--config.mohge.top_groups={h.top_groups} exceeds the {len(widths)} groups "
@@ -178,7 +188,7 @@ def _validate_mohge(cfg, axes: dict) -> None:
   _require(0.0 <= h.group_aux_start_fraction <= 1.0,
            f"--config.mohge.group_aux_start_fraction={h.group_aux_start_fraction} must "
            "lie in [0, 1].")
-  tp = axes["tensor"]
+  tp = axes["tensor"] if axes["expert"] > 1 else 1  # only the EP shard_map splits it
   _require(all(w % tp == 0 for w in widths),
            f"--config.mohge.group_widths={widths} must all be divisible by the tensor "
            f"mesh axis ({tp}), which splits each expert's width; change the widths or "
@@ -265,6 +275,8 @@ def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
   """Refuses to resume a checkpoint written by an incompatible config."""
   diffs = []
   for field in RESUME_FIXED_FIELDS:
+    if "." in field and field.split(".")[0] not in saved:
+      continue  # a config group newer than the checkpoint: it had its defaults
     diffs += _differences(_lookup(saved, field), _lookup(current, field), field)
   if diffs:
     shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")

@@ -170,7 +170,7 @@ def counts_ref(expert_idx, num_experts: int) -> np.ndarray:
 
 def decoupled_group_of(e: int, num_groups: int) -> int:
   """Group of position e in the authors' order (MySequentialMLP's closed form):
-  (G + ((e mod G + 1) // 2) * (-1)^(e mod G)) mod G."""
+  (G + ((e mod G + 1) // 2) * (-1)^(e mod 2)) mod G."""
   p = e % num_groups
   return (num_groups + ((p + 1) // 2) * (-1) ** (e % 2)) % num_groups
 

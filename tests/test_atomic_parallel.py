@@ -22,7 +22,7 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import sharding
-from moejax.model import sublayers
+from moejax.model import atomic_layer, sublayers
 from tests.helpers import tiny_config
 from tests.sharded_layer import loss_and_grads
 
@@ -79,7 +79,11 @@ def _param(sublayer, atomic, mesh_name, *slow):
 
 
 @pytest.mark.parametrize("sublayer, atomic, mesh_name", [_param(*c) for c in CASES])
-def test_atomic_expert_parallel_equals_single_device(sublayer, atomic, mesh_name):
+def test_atomic_expert_parallel_equals_single_device(sublayer, atomic, mesh_name, monkeypatch):
+  calls = []
+  real = atomic_layer.atomic_expert_parallel
+  monkeypatch.setattr(atomic_layer, "atomic_expert_parallel",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
   mesh_shape = MESHES[mesh_name]
   x = jax.random.normal(jax.random.PRNGKey(3), (8, 4, D), jnp.float32)
   ref_loss, ref_y, ref_aux, ref_stats, ref_gp, ref_gx = _reference(sublayer, atomic, x)
@@ -89,6 +93,7 @@ def test_atomic_expert_parallel_equals_single_device(sublayer, atomic, mesh_name
   mesh = sharding.make_mesh(cfg.mesh)
   assert dict(mesh.shape) == mesh_shape
   loss, y, aux, stats, gp, gx = _loss_and_grads(cfg, x, mesh)
+  assert calls, "the layer did not take the expert-parallel path"
 
   np.testing.assert_allclose(y, ref_y, rtol=2e-5, atol=2e-6)
   np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-6)

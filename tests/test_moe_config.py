@@ -16,7 +16,7 @@ def _moe(**overrides):
     ({"moe.backend": "magic"}, 1, "Unknown --config.moe.backend='magic'"),
     ({"moe.score_fn": "relu"}, 1, "is not 'softmax' or 'sigmoid'"),
     ({"moe.num_experts": 6, "mesh.expert": 4, "mesh.data": 2}, 8, "not divisible by the expert"),
-    ({"moe.expert_ffn_dim": 15, "mesh.tensor": 2, "mesh.data": 4}, 8,
+    ({"moe.expert_ffn_dim": 15, "mesh.tensor": 2, "mesh.expert": 2, "mesh.data": 2}, 8,
      "expert_ffn_dim=15 is not divisible by the tensor"),
     ({"moe.backend": "capacity", "mesh.expert": 2, "mesh.data": 4}, 8,
      "runs without expert parallelism"),

@@ -614,6 +614,9 @@ def test_valid_config_passes():
     ({"group_aux_start_fraction": 1.5}, {}, "group_aux_start_fraction"),
     ({"group_aux_start_fraction": -0.1}, {}, "group_aux_start_fraction"),
     ({"group_widths": (8, 0, 16)}, {}, "group_widths"),
+    ({"group_widths": (20, 16, 12, 8)}, {}, "must increase strictly"),
+    ({"group_widths": (8, 12, 16, 21)}, {"expert": 2, "tensor": 2, "data": 2},
+     "divisible by the tensor mesh axis"),
     ({"top_k": 0}, {}, "top_k"),
 ])
 def test_config_errors(mohge, mesh, match):

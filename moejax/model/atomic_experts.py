@@ -33,17 +33,20 @@ def _rows(table, idx, *, sorted_ids=False):
   return table.at[idx].get(mode="fill", fill_value=0, indices_are_sorted=sorted_ids)
 
 
-def atomic_gather(x, expert_idx, gates, up, down, *, activation: str = "silu"):
-  """x: [T, d]; expert_idx, gates: [T, k]; up, down: [N, d] -> y [T, d]."""
+def atomic_gather(x, expert_idx, gates, up, down, *, activation: str = "silu", out_dtype=None):
+  """x: [T, d]; expert_idx, gates: [T, k]; up, down: [N, d] -> y [T, d]
+  (summed in float32, returned in out_dtype, default x.dtype)."""
   act = ACTIVATIONS[activation]
   u = _rows(up, expert_idx).astype(x.dtype)      # [T, k, d]
   v = _rows(down, expert_idx).astype(x.dtype)
   s = jnp.einsum("td,tkd->tk", x, u, preferred_element_type=jnp.float32)
   z = (act(s) * gates.astype(jnp.float32)).astype(x.dtype)
-  return jnp.einsum("tk,tkd->td", z, v, preferred_element_type=jnp.float32).astype(x.dtype)
+  y = jnp.einsum("tk,tkd->td", z, v, preferred_element_type=jnp.float32)
+  return y.astype(out_dtype or x.dtype)
 
 
-def atomic_expert_sorted(x, expert_idx, gates, up, down, *, activation: str = "silu"):
+def atomic_expert_sorted(x, expert_idx, gates, up, down, *, activation: str = "silu",
+                         out_dtype=None):
   """Same contract as atomic_gather, computed over pairs sorted by expert."""
   act = ACTIVATIONS[activation]
   num_tokens, k = expert_idx.shape
@@ -59,13 +62,15 @@ def atomic_expert_sorted(x, expert_idx, gates, up, down, *, activation: str = "s
   g = gates.reshape(-1)[order].astype(jnp.float32)
   contrib = ((act(s) * g)[:, None] * v.astype(jnp.float32)).astype(x.dtype)
   per_pair = gather_pairs(contrib, inverse, order).reshape(num_tokens, k, -1)
-  return jnp.sum(per_pair.astype(jnp.float32), axis=1).astype(x.dtype)
+  return jnp.sum(per_pair.astype(jnp.float32), axis=1).astype(out_dtype or x.dtype)
 
 
 PATHS = {"gather": atomic_gather, "expert_sorted": atomic_expert_sorted}
 
 
-def atomic_ffn(path: str, x, expert_idx, gates, up, down, *, activation: str = "silu"):
+def atomic_ffn(path: str, x, expert_idx, gates, up, down, *, activation: str = "silu",
+               out_dtype=None):
   if path not in PATHS:
     raise ValueError(f"Unknown atomic expert path {path!r}; choose one of {sorted(PATHS)}.")
-  return PATHS[path](x, expert_idx, gates, up, down, activation=activation)
+  return PATHS[path](x, expert_idx, gates, up, down, activation=activation,
+                     out_dtype=out_dtype)

@@ -10,6 +10,9 @@ unbiased (times T / (T - 1)), and momentum 0.1 weights the new batch. The
 statistics are taken over the global token axis inside jit, so under data
 parallelism XLA all-reduces them (PyTorch without SyncBatchNorm would not).
 The running statistics are `nnx.BatchStat` state, updated only in training.
+In training a token's normalisation depends on the whole batch (other
+sequences, later positions, padding), as in the original; evaluation uses the
+running statistics, so its outputs depend on the token alone.
 """
 
 import jax

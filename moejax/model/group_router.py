@@ -45,6 +45,7 @@ def route_groups(group_logits, expert_logits, *, top_groups: int, top_k: int,
   q = jax.nn.softmax(expert_logits.astype(jnp.float32).reshape(num_tokens, num_groups, -1),
                      axis=-1)
   r = (q * pi[:, :, None]).reshape(num_tokens, -1)
+  # sum r = sum_g pi_g = 1 already; kept because the authors' code does it.
   r = r / jnp.sum(r, axis=-1, keepdims=True)
   selected, idx = jax.lax.top_k(r, top_k)
   if gate == "megatron":

@@ -20,8 +20,9 @@ after `group_aux_start_fraction` of training, as the authors' global-step
 switch) and the intra-group experts loss (alpha_e); no z-loss, no bias.
 
 Deviations, on purpose: plain attention around it (MLA is orthogonal to the
-claim); router init std is model.init_std (the paper: 0.008 for everything);
-statistics over the global batch (Megatron's are per micro-batch).
+claim); every weight (routers, experts, shared) starts at N(0, model.init_std)
+(the paper: 0.008 for everything); statistics over the global batch
+(Megatron's are per micro-batch).
 
 aux metrics: active_params (router + shared + 3 d sum of the chosen widths, the
 batch mean per token: routing decides it), routed_width (the sum of the k
@@ -122,14 +123,14 @@ class MoHGE(nnx.Module):
     expert_logits = jnp.dot(xf, self.expert_router[...], precision=hi)
     routing = route_groups(group_logits, expert_logits, top_groups=self.top_groups,
                            top_k=self.top_k, gate=self.gate)
-    y = self._routed(tokens, routing.expert_idx, routing.weights, train)
+    y = self._routed(tokens, routing.expert_idx, routing.weights)
     y = y.reshape(batch, seq, d_model)
     if self.shared is not None:
       y = y + self.shared(x)[0]
     return y, self._aux(group_logits, routing, step, train)
 
-  def _routed(self, tokens, expert_idx, weights, train):
-    del train  # every backend used here is dropless
+  def _routed(self, tokens, expert_idx, weights):
+    """The routed experts' sum (every backend used here is dropless)."""
     mesh = sharding.active_mesh()
     stacks = [(g.w_gate[...], g.w_up[...], g.w_down[...]) for g in self.groups]
     if mesh is not None and mesh.shape["expert"] > 1:

@@ -16,10 +16,12 @@ so no row or column can win every token. The gates sum to well below one at
 init (about 0.27 for N = 256, k = 8), so the routed branch starts small next
 to the shared one; keeping them unnormalised is part of the method.
 
-Deviation, on purpose: the expert tables start at N(0, expert_init_std) with
+Deviations, on purpose: the expert tables start at N(0, expert_init_std) with
 the model's init_std (0.02) by default, not PyTorch's N(0, 1) Embedding
 default (the paper's training framework, which may override it, is not
-released). Set atomic.expert_init_std = 1.0 for the code's default.
+released; atomic.expert_init_std = 1.0 gives the code's default, and trained
+clearly worse in our tiny run: README). The router projections and the shared
+SwiGLU start at N(0, model.init_std), not PyTorch's Kaiming-uniform default.
 
 aux metrics (no losses): load_entropy, load_max_over_mean (over all N),
 dead_fraction (experts no token chose in this batch), gate_mass (mean sum of
@@ -61,11 +63,11 @@ class OmniMoE(AtomicLayer):
     """tokens: [T, d] -> (gates [T, k] float32, expert ids [T, k] int32)."""
     xf = tokens.astype(jnp.float32)
     hi = jax.lax.Precision.HIGHEST
-    la = jax.nn.log_softmax(self.norm_x(jnp.dot(xf, self.router_x[...], precision=hi),
-                                        train=train), axis=-1)
-    lb_ = jax.nn.log_softmax(self.norm_y(jnp.dot(xf, self.router_y[...], precision=hi),
-                                         train=train), axis=-1)
-    scores, idx = GRID_TOPK[self.router](la, lb_, self.top_k)
+    log_px = jax.nn.log_softmax(
+        self.norm_x(jnp.dot(xf, self.router_x[...], precision=hi), train=train), axis=-1)
+    log_py = jax.nn.log_softmax(
+        self.norm_y(jnp.dot(xf, self.router_y[...], precision=hi), train=train), axis=-1)
+    scores, idx = GRID_TOPK[self.router](log_px, log_py, self.top_k)
     return jnp.exp(scores), idx
 
   def extra_metrics(self) -> dict:
