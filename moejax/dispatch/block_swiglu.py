@@ -102,23 +102,27 @@ def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
   return block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size)
 
 
-def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size):
+def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
+                        recompute: bool = False):
   """As block_swiglu, with expert e's blocks given as [first[e], first[e] + count[e]).
 
   Rows of blocks no expert here owns are 0 in the output (and in dx), so experts
   of different widths can share one sorted layout: each group of equal-width
-  experts takes its slice of the ranges, and the outputs add up."""
+  experts takes its slice of the ranges, and the outputs add up. Such a call
+  would keep pre-activations for every row, most of them another group's;
+  recompute=True keeps none and redoes x W_gate, x W_up in the backward pass."""
   # Under shard_map, give rows and weights one varying-axes type before the
   # custom VJP, whose cotangents must match its inputs' types; the psums this
   # implies (over tensor for dx, over batch axes for dW) are then inserted by
   # JAX when it transposes these additions.
   zero = varying_zeros((), x.dtype, x, w_gate, w_up, w_down)
   x, w_gate, w_up, w_down = (a + zero.astype(a.dtype) for a in (x, w_gate, w_up, w_down))
-  return _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size)
+  return _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size, recompute)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6,))
-def _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size):
+@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
+def _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size, recompute):
+  del recompute
   return _forward(x, w_gate, w_up, w_down, first, count, block_size, store=False)[0]
 
 
@@ -150,13 +154,13 @@ def _forward(x, w_gate, w_up, w_down, first, count, block_size, store):
   return out
 
 
-def _fwd(x, w_gate, w_up, w_down, first, count, block_size):
+def _fwd(x, w_gate, w_up, w_down, first, count, block_size, recompute):
   y, a_rows, u_rows = _forward(x, w_gate, w_up, w_down, first, count, block_size,
-                               store=True)
+                               store=not recompute)
   return y, (x, a_rows, u_rows, w_gate, w_up, w_down, first, count)
 
 
-def _bwd(block_size, res, dy):
+def _bwd(block_size, recompute, res, dy):
   """With h = SiLU(a) * u, per block:
       dh = dy W_down^T,  da = dh * u * SiLU'(a),  du = dh * SiLU(a)
       dx = da W_gate^T + du W_up^T
@@ -174,7 +178,10 @@ def _bwd(block_size, res, dy):
     def tile(row, size, carry):
       dx, dwg, dwu, dwd = carry
       xb, dyb = _rows(x, row, size), _rows(dy, row, size).astype(dt)
-      a, u = _rows(a_rows, row, size), _rows(u_rows, row, size)
+      if recompute:
+        a, u = xb @ wg, xb @ wu
+      else:
+        a, u = _rows(a_rows, row, size), _rows(u_rows, row, size)
       sa = jax.nn.silu(a)
       dh = dyb @ wd.T
       da, du = dh * u * _silu_grad(a), dh * sa

@@ -51,7 +51,10 @@ def expert_rows_sorted_groups(x, expert_idx, combine_weights, groups, *, block_s
   groups: [(w_gate [n_g, d, f_g], w_up, w_down [n_g, f_g, d]), ...]; expert ids
   run group after group (group g holds ids [sum_{h<g} n_h, ... + n_g)). One sort,
   one token gather and one combine for all groups; each group's block loop visits
-  only its own experts' blocks, so compute follows the widths chosen."""
+  only its own experts' blocks, so compute follows the widths chosen. With
+  several groups the backward recomputes the pre-activations rather than keep
+  [rows, W_g] buffers for every group (memory that would grow with the sum of
+  the widths, since each group's buffers span all rows)."""
   num_tokens, k = expert_idx.shape
   num_experts = sum(g[0].shape[0] for g in groups)
   block = block_size or auto_block_size(num_tokens * k, num_experts)
@@ -62,7 +65,7 @@ def expert_rows_sorted_groups(x, expert_idx, combine_weights, groups, *, block_s
   for w_gate, w_up, w_down in groups:
     n = w_gate.shape[0]
     part = block_swiglu_ranges(rows, w_gate, w_up, w_down, first[offset:offset + n],
-                               count[offset:offset + n], block)
+                               count[offset:offset + n], block, recompute=len(groups) > 1)
     out_rows = part if out_rows is None else out_rows + part
     offset += n
   out = gather_pairs(out_rows, lay.pair_row, lay.row_pair).reshape(num_tokens, k, -1)
