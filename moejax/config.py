@@ -271,6 +271,17 @@ def check_same_data(saved: dict, current: dict, workdir: str) -> None:
         "point data.data_dir at the original data, or use a new --workdir.")
 
 
+def resume_warnings(saved: dict, current: dict) -> list[str]:
+  """Allowed changes on resume whose effect a researcher should know about."""
+  out = []
+  steps = (_lookup(saved, "train.steps"), _lookup(current, "train.steps"))
+  if current.get("model", {}).get("sublayer") == "mohge" and steps[0] != steps[1]:
+    out.append(f"train.steps changed {steps[0]} -> {steps[1]}, so MoHGE's group loss "
+               "switches on at a different step (mohge.group_aux_start_fraction of the "
+               "new total).")
+  return out
+
+
 def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
   """Refuses to resume a checkpoint written by an incompatible config."""
   diffs = []

@@ -279,6 +279,8 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   saved_meta = ckpt.read_meta(latest) if latest is not None else None
   if saved_meta is not None:
     config_lib.check_resume_compatible(saved_meta["config"], cfg_dict, workdir)
+    for warning in config_lib.resume_warnings(saved_meta["config"], cfg_dict):
+      say(f"warning: {warning}")
   if process_index == 0:
     write_json(os.path.join(workdir, "config.json"), cfg_dict)
 

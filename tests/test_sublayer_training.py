@@ -1,4 +1,4 @@
-"""The new sublayers train end to end through the real train loop (bf16 too):
+"""The new sublayers train end to end through the real train loop, in bf16:
 the step reaches MoHGE's scheduled loss, OmniMoE's BatchNorm statistics live in
 the model state, and resuming with a shape-changing sublayer field is refused."""
 
@@ -25,7 +25,7 @@ def _train(tmp_path, overrides):
 
 
 def test_mohge_group_loss_switches_on_after_half_of_training(tmp_path):
-  rows = _train(tmp_path, MOHGE)
+  rows = _train(tmp_path, {**MOHGE, "model.compute_dtype": "bfloat16"})
   assert sorted(rows) == [1, 2, 3, 4]
   # steps are 1-based here; on when step > train.steps * 0.5 = 2
   assert [rows[s]["aux/loss/group_balance"] > 0 for s in (1, 2, 3, 4)] == [
@@ -44,6 +44,13 @@ def test_omnimoe_trains_in_bf16_and_checkpoints_its_batchnorm_state(tmp_path):
   assert stats and all(not np.allclose(v, 1.0) for v in stats)  # moved off the init
 
 
+def test_peer_trains_in_bf16(tmp_path):
+  rows = _train(tmp_path, {**OMNI, "model.sublayer": "peer", "atomic.peer_query_dim": 16,
+                           "atomic.peer_heads": 2, "model.compute_dtype": "bfloat16"})
+  assert all(np.isfinite(rows[s]["loss"]) for s in rows)
+  assert all(rows[s]["aux/gate_mass"] == pytest.approx(2.0, rel=1e-3) for s in rows)  # 2 heads
+
+
 def test_resume_refuses_a_changed_expert_table(tmp_path):
   _train(tmp_path, OMNI)
   with pytest.raises(ConfigError, match=r"atomic.num_experts: 64 -> 256"):
@@ -57,3 +64,13 @@ def _leaves(tree, prefix=""):
       yield from _leaves(v, f"{prefix}/{k}")
   else:
     yield prefix, np.asarray(tree)
+
+
+def test_resume_with_more_steps_warns_that_the_mohge_switch_moves(tmp_path, capsys):
+  _train(tmp_path, MOHGE)
+  capsys.readouterr()
+  final = train_and_evaluate(tiny_config(**{"train.steps": 6, "train.warmup_steps": 1,
+                                            **MOHGE}), str(tmp_path))
+  assert final["step"] == 6
+  out = capsys.readouterr()
+  assert "train.steps changed 4 -> 6, so MoHGE's group loss switches on" in out.out + out.err
