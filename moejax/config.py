@@ -112,7 +112,7 @@ def _validate_moe(cfg, axes: dict) -> None:
   _require(0 <= e.first_dense_layers <= cfg.model.num_layers,
            f"--config.moe.first_dense_layers={e.first_dense_layers} must lie in "
            f"[0, model.num_layers={cfg.model.num_layers}].")
-  tp = axes["tensor"] if axes["expert"] > 1 else 1  # only the EP shard_map splits it
+  tp = _width_split(axes)
   _require(e.expert_ffn_dim % tp == 0,
            f"--config.moe.expert_ffn_dim={e.expert_ffn_dim} is not divisible by the tensor "
            f"mesh axis ({tp}), which splits each expert's width; change one of them.")
@@ -125,6 +125,12 @@ def _validate_moe(cfg, axes: dict) -> None:
            f"--config.moe.backend={e.backend!r} runs without expert parallelism; with "
            f"--config.mesh.expert={ep} use one of {sorted(dispatch.DROPLESS)} (and "
            "--config.moe.ep_capacity_factor to cap the exchange).")
+
+
+def _width_split(axes: dict) -> int:
+  """Ways an expert's hidden width is split: by `tensor`, inside the expert-parallel
+  shard_map only (without EP a width that does not divide is just replicated)."""
+  return axes["tensor"] if axes["expert"] > 1 else 1
 
 
 def _validate_atomic(cfg, axes: dict) -> None:
@@ -188,7 +194,7 @@ def _validate_mohge(cfg, axes: dict) -> None:
   _require(0.0 <= h.group_aux_start_fraction <= 1.0,
            f"--config.mohge.group_aux_start_fraction={h.group_aux_start_fraction} must "
            "lie in [0, 1].")
-  tp = axes["tensor"] if axes["expert"] > 1 else 1  # only the EP shard_map splits it
+  tp = _width_split(axes)
   _require(all(w % tp == 0 for w in widths),
            f"--config.mohge.group_widths={widths} must all be divisible by the tensor "
            f"mesh axis ({tp}), which splits each expert's width; change the widths or "

@@ -53,14 +53,8 @@ def shard_loads(tokens, widths, ep: int, placement: str) -> np.ndarray:
   return load.reshape(ep, -1).sum(axis=1)
 
 
-def to_decoupled(group_major: np.ndarray, num_groups: int) -> np.ndarray:
-  """Reorders a group-major [G n] per-expert vector into the decoupled order."""
-  v = np.asarray(group_major).reshape(num_groups, -1)
-  return np.array([v[g, j] for g, j in expert_order(num_groups, v.shape[1], "decoupled")])
-
-
 def from_decoupled(vector, num_groups: int) -> np.ndarray:
-  """Inverse of to_decoupled: a decoupled-order [G n] vector as group-major [G, n]."""
+  """A decoupled-order [G n] per-expert vector (as the layer logs it) as group-major [G, n]."""
   v = np.asarray(vector, np.float64)
   out = np.zeros((num_groups, v.size // num_groups))
   for value, (g, j) in zip(v, expert_order(num_groups, v.size // num_groups, "decoupled")):

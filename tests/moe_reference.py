@@ -233,3 +233,16 @@ def health_ref(counts, dropped: int):
       "dropped_fraction": dropped / total,
   }
 
+
+
+def route_layer(layer, cfg, x, bias=None):
+  """naive_route on an MoE layer's own router weights, for tokens x [B, S, d]:
+  -> (tokens [T, d], logits, expert ids, weights, probs), float64."""
+  e = cfg.moe
+  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
+  logits = tokens @ np.asarray(layer.router.kernel[...], np.float64)
+  idx, weights, probs = naive_route(logits, top_k=e.top_k, score_fn=e.score_fn,
+                                    renormalize=e.renormalize,
+                                    routed_scaling_factor=e.routed_scaling_factor,
+                                    bias=bias)
+  return tokens, logits, idx, weights, probs

@@ -178,6 +178,14 @@ DROPLESS_MATRIX = [(s, c) for s in sorted(BACKEND_SETTINGS) for c in sorted(CASE
                    if s != "sorted_block8" or CASES[c][:2] == (T, 2)]
 
 
+def _close_grads(got, want):
+  for name, g, w in zip(GRAD_NAMES, got, want):
+    try:
+      _close(g, w)
+    except AssertionError as e:
+      raise AssertionError(f"gradient wrt {name}: {e}") from None
+
+
 @pytest.mark.parametrize("setting,case", DROPLESS_MATRIX)
 def test_dropless_backend_matches_per_token_loop(setting, case):
   backend, kw = BACKEND_SETTINGS[setting]
@@ -189,11 +197,7 @@ def test_dropless_backend_matches_per_token_loop(setting, case):
   got_y, got_grads, dropped = _backend_value_and_grads(backend, c, **kw)
   assert dropped == 0
   _close(got_y, want_y)
-  for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
-    try:
-      _close(g, w)
-    except AssertionError as e:
-      raise AssertionError(f"gradient wrt {name}: {e}") from None
+  _close_grads(got_grads, want_grads)
   # Pairs without an expert give nothing and get no gradient.
   none = c["idx"] == E
   assert np.all(got_grads[1][none] == 0)
@@ -226,11 +230,7 @@ def test_capacity_backend_matches_gshard_reference(case, cf):
   elif case != "single_token":
     assert want_dropped > 0
   _close(got_y, want_y)
-  for name, g, w in zip(GRAD_NAMES, got_grads, want_grads):
-    try:
-      _close(g, w)
-    except AssertionError as e:
-      raise AssertionError(f"gradient wrt {name}: {e}") from None
+  _close_grads(got_grads, want_grads)
 
 
 def test_capacity_reference_priority_by_hand():
@@ -290,12 +290,7 @@ def _x(batch=2, seq=7, d=16, seed=3):
 
 def _layer_reference(layer, cfg, x, capacity_factor=None):
   """The routed output of `layer` from the naive router and per-token loop."""
-  e = cfg.moe
-  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-  logits = tokens @ np.asarray(layer.router.kernel[...], np.float64)
-  idx, weights, _ = ref.naive_route(logits, top_k=e.top_k, score_fn=e.score_fn,
-                                    renormalize=e.renormalize,
-                                    routed_scaling_factor=e.routed_scaling_factor)
+  tokens, _, idx, weights, _ = ref.route_layer(layer, cfg, x)
   ws = [np.asarray(w[...], np.float64) for w in (layer.w_gate, layer.w_up, layer.w_down)]
   if capacity_factor is None:
     y, dropped = ref.per_token_moe(tokens, idx, weights, *ws), 0

@@ -495,11 +495,12 @@ def test_decoupled_placement_balances_shards(ep):
     assert load[s] == want
 
 
-def test_to_decoupled():
+def test_from_decoupled():
   for num_groups, per_group in ((4, 3), (8, 2), (2, 5)):
     vec = np.arange(num_groups * per_group) * 10 + 7
-    got = placement.to_decoupled(vec, num_groups)
-    np.testing.assert_array_equal(got, ref.decoupled_from_group_major(vec, num_groups))
+    logged = ref.decoupled_from_group_major(vec, num_groups)
+    np.testing.assert_array_equal(placement.from_decoupled(logged, num_groups),
+                                  vec.reshape(num_groups, per_group))
 
 
 def test_expert_load_is_in_the_decoupled_order():

@@ -283,14 +283,7 @@ def _x(batch=3, seq=8, seed=0, shifts=None):
 
 
 def _naive_layer_routing(layer, cfg, x, bias=None):
-  e = cfg.moe
-  tokens = np.asarray(x, np.float64).reshape(-1, x.shape[-1])
-  logits = tokens @ np.asarray(layer.router.kernel[...], np.float64)
-  idx, w, probs = ref.naive_route(logits, top_k=e.top_k, score_fn=e.score_fn,
-                                  renormalize=e.renormalize,
-                                  routed_scaling_factor=e.routed_scaling_factor,
-                                  bias=bias)
-  return logits, idx, w, probs
+  return ref.route_layer(layer, cfg, x, bias=bias)[1:]
 
 
 def test_router_bias_is_state_not_a_param():
