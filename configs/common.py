@@ -24,6 +24,7 @@ DEFAULT_SHARDING_RULES = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
+    ("l3_rows", "expert"),  # L3 lookup tables are split by rows (moejax/l3_parallel.py)
 )
 
 
@@ -101,6 +102,40 @@ def base_config() -> ml_collections.ConfigDict:
   c.mohge.intra_aux_coef = 5e-3  # intra-group experts loss (alpha_e)
   c.mohge.backend = "sorted"  # a dropless dispatch backend: "sorted" or "ragged_dot"
   c.mohge.block_size = 0  # sorted backend rows per block; 0 = chosen from the load
+
+  # --- looped block (LoopMoE); see moejax/model/loop.py ----------------------
+  # Layers run as: prefix_layers unique blocks, then block_layers blocks applied
+  # `iterations` times with shared weights, then the remaining
+  # num_layers - prefix_layers - block_layers blocks. block_layers = 0: no loop.
+  c.loop = ml_collections.ConfigDict()
+  c.loop.prefix_layers = 0
+  c.loop.block_layers = 0
+  c.loop.iterations = 1  # R
+  c.loop.iter_adaln = True  # IterAdaLN at each pre-norm of the looped block ("Loop Base": off)
+  c.loop.adaln_dim = 4  # width a of the conditioning vector c = SiLU(MLP(PE(k)) + W_h h)
+  c.loop.adaln_pe_dim = 32  # width of the sinusoidal iteration encoding PE(k)
+  c.loop.adaln_gate = True  # also modulate the sublayer output: h + (1 + alpha) * F(...)
+  c.loop.remat = False  # recompute each iteration's activations in the backward pass
+
+  # --- large lookup layers (L3); see moejax/model/l3.py ---------------------
+  c.l3 = ml_collections.ConfigDict()
+  c.l3.after_layers = ()  # insert an L3 layer after these decoder layers (1-based), e.g. (2,)
+  c.l3.rows = 16384  # v: table rows per L3 layer, shared out over the vocabulary
+  c.l3.max_rows_per_token = 32  # k: cap on the rows one token id owns
+  c.l3.allocation = "lzw"  # rows per token id: "lzw", "uniform" or "frequency"
+  c.l3.allocation_tokens = 2_000_000  # training tokens read to compute the allocation
+  c.l3.emb_dim = 128  # d_emb: width of a value row (= d_model when tie_kv)
+  c.l3.up_dim = 128  # d_up: width of the projected, normalised read
+  c.l3.tie_kv = False  # one table serves as keys and values (W_K = W_V)
+  c.l3.path = "padded"  # "padded" gather of max_rows rows, or "sorted" segment softmax
+  c.l3.scale_scores = False  # divide the scores K_t x by sqrt(d_model)
+  c.l3.init_std = 0.02  # table rows N(0, std)
+
+  # --- budget match: asserted before training --------------------------------
+  c.budget_match = ml_collections.ConfigDict()
+  c.budget_match.reference = ""  # e.g. "configs/loopmoe.py:vanilla_tiny"; "" = no claim
+  c.budget_match.quantities = ("params", "forward_flops_per_token", "attn_ffn_active_ratio")
+  c.budget_match.tolerance = 0.01  # largest relative difference allowed
 
   # --- data ------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()

@@ -120,32 +120,101 @@ def attention_budget(cfg) -> dict:
   return dict(params=proj, active_params=proj, flops_per_token=2 * proj + scores)
 
 
+def loop_applications(cfg) -> list[int]:
+  """How many times each unique decoder layer runs per token (R inside the loop)."""
+  m, lp = cfg.model, cfg.loop
+  reps = [1] * m.num_layers
+  if lp.block_layers > 0:
+    for i in range(lp.prefix_layers, lp.prefix_layers + lp.block_layers):
+      reps[i] = lp.iterations
+  return reps
+
+
+def iter_adaln_budget(cfg) -> dict:
+  """One IterAdaLN site (a pre-norm of a looped layer): the iteration MLP
+  PE(k) -> a -> a runs once per iteration, not per token, so it costs
+  parameters only; per token, W_h [d, a] and W_mod [a, m*d] (m = 3 with the
+  output gate, else 2) are matmuls."""
+  lp, d = cfg.loop, cfg.model.d_model
+  a, pe = lp.adaln_dim, lp.adaln_pe_dim
+  mods = 3 if lp.adaln_gate else 2
+  per_token = d * a + a * mods * d
+  params = pe * a + a + a * a + a + per_token + mods * d
+  return dict(params=params, active_params=per_token, flops_per_token=2 * per_token)
+
+
+def l3_budget(cfg, vocab_size: int) -> dict:
+  """One L3 layer. Table rows count as parameters; per token, the rows it reads
+  are active. That number depends on the allocation and the token; the budget
+  counts the cap l3.max_rows_per_token (an upper bound, and what the padded path
+  computes for every token). Per row: a score (2 d) and a weighted value sum (2 e)."""
+  del vocab_size
+  l3, d = cfg.l3, cfg.model.d_model
+  e = d if l3.tie_kv else l3.emb_dim
+  row_width = d if l3.tie_kv else d + e
+  rows_read = l3.max_rows_per_token
+  dense = e * l3.up_dim + (d + l3.up_dim) * d
+  norms = d + 2 * l3.up_dim
+  return dict(params=l3.rows * row_width + dense + norms,
+              active_params=rows_read * row_width + dense + norms,
+              flops_per_token=2 * rows_read * (d + e) + 2 * dense)
+
+
 def model_budget(cfg, vocab_size: int | None = None) -> dict:
-  """Totals for the whole decoder; see the module docstring for conventions."""
+  """Totals for the whole decoder; see the module docstring for conventions.
+
+  A looped block's parameters count once and its active parameters and FLOPs
+  once per iteration. attn_ffn_active_ratio = attention active parameters /
+  FFN-sublayer active parameters, both summed over the layers a token passes
+  through (IterAdaLN and L3 belong to neither side and are listed apart)."""
   m = cfg.model
   vocab = vocab_size or data_lib.vocab_size(cfg.data)
   fn = SUBLAYER_BUDGETS.get(m.sublayer)
+  reps = loop_applications(cfg)
   per_layer = [fn(cfg, i) for i in range(m.num_layers)]
-  ffn = {k: sum(b.get(k, 0) for b in per_layer) for b in per_layer for k in b}
+  ffn = {k: sum(b.get(k, 0) * (r if k != "params" else 1) for b, r in zip(per_layer, reps))
+         for b in per_layer for k in b}
   attn = attention_budget(cfg)
+  depth = sum(reps)
   norms = (2 * m.num_layers + 1) * m.d_model
   embed = vocab * m.d_model
   unembed = 0 if m.tie_embeddings else vocab * m.d_model
-  layers_params = m.num_layers * attn["params"] + ffn["params"]
-  layers_active = m.num_layers * attn["active_params"] + ffn["active_params"]
+  extra = dict(params=0, active_params=0, flops_per_token=0)
+  breakdown = {}
+  if cfg.loop.block_layers > 0 and cfg.loop.iter_adaln:
+    site = iter_adaln_budget(cfg)
+    sites = 2 * cfg.loop.block_layers
+    adaln = dict(params=sites * site["params"],
+                 active_params=sites * cfg.loop.iterations * site["active_params"],
+                 flops_per_token=sites * cfg.loop.iterations * site["flops_per_token"])
+    breakdown.update({f"iter_adaln_{k}": v for k, v in adaln.items()})
+    extra = {k: extra[k] + adaln[k] for k in extra}
+  if len(cfg.l3.after_layers):
+    one = l3_budget(cfg, vocab)
+    n = len(cfg.l3.after_layers)
+    breakdown.update({f"l3_{k}": n * v for k, v in one.items()})
+    extra = {k: extra[k] + n * one[k] for k in extra}
+  layers_params = m.num_layers * attn["params"] + ffn["params"] + extra["params"]
+  attn_active = depth * attn["active_params"]
+  layers_active = attn_active + ffn["active_params"] + extra["active_params"]
   total = embed + unembed + layers_params + norms
   # One token multiplies with the unembedding (which is the embedding when tied).
   active = layers_active + norms + vocab * m.d_model
-  fwd = m.num_layers * attn["flops_per_token"] + ffn["flops_per_token"]
+  fwd = depth * attn["flops_per_token"] + ffn["flops_per_token"] + extra["flops_per_token"]
   fwd += 2 * vocab * m.d_model
+  breakdown.update({k: v for k, v in ffn.items()
+                    if k not in ("params", "active_params", "flops_per_token")})
   return dict(
       params=int(total),
       non_embedding_params=int(layers_params + norms),
       active_params=int(active),
       forward_flops_per_token=int(fwd),
       train_flops_per_token=int(3 * fwd),
-      ffn_breakdown={k: int(v) for k, v in ffn.items()
-                     if k not in ("params", "active_params", "flops_per_token")},
+      effective_layers=depth,
+      attention_active_params=int(attn_active),
+      ffn_active_params=int(ffn["active_params"]),
+      attn_ffn_active_ratio=attn_active / max(ffn["active_params"], 1),
+      ffn_breakdown={k: int(v) for k, v in breakdown.items()},
   )
 
 

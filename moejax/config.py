@@ -31,6 +31,10 @@ RESUME_FIXED_FIELDS = (
     "atomic.num_experts", "atomic.shared_ffn_dim", "atomic.peer_heads",
     "atomic.peer_query_dim", "atomic.peer_query_batchnorm",
     "mohge.group_widths", "mohge.experts_per_group", "mohge.shared_ffn_dim",
+    "loop.prefix_layers", "loop.block_layers", "loop.iterations", "loop.iter_adaln",
+    "loop.adaln_dim", "loop.adaln_pe_dim", "loop.adaln_gate",
+    "l3.after_layers", "l3.rows", "l3.max_rows_per_token", "l3.allocation",
+    "l3.allocation_tokens", "l3.emb_dim", "l3.up_dim", "l3.tie_kv",
 )
 # What identifies the data itself (recorded by moejax.data.dataset_info): the
 # same config can point at different data (another data_dir, another Python's
@@ -206,6 +210,69 @@ def _validate_mohge(cfg, axes: dict) -> None:
            "width; change --config.mesh.expert.")
 
 
+def _validate_loop(cfg) -> None:
+  """Checks cfg.loop (the looped block of LoopMoE)."""
+  lp, layers = cfg.loop, cfg.model.num_layers
+  for field in ("prefix_layers", "block_layers"):
+    _require(getattr(lp, field) >= 0,
+             f"--config.loop.{field} must be >= 0, got {getattr(lp, field)}.")
+  _require(lp.iterations >= 1,
+           f"--config.loop.iterations must be at least 1, got {lp.iterations}.")
+  if lp.block_layers == 0:
+    _require(lp.iterations == 1,
+             f"--config.loop.iterations={lp.iterations} needs a looped block: set "
+             "--config.loop.block_layers to the number of layers to repeat.")
+    return
+  _require(lp.prefix_layers + lp.block_layers <= layers,
+           f"--config.loop.prefix_layers={lp.prefix_layers} plus loop.block_layers="
+           f"{lp.block_layers} exceed model.num_layers={layers} (the unique layers); lower "
+           "them or raise num_layers.")
+  _positive("loop", lp, "adaln_dim", "adaln_pe_dim")
+  _require(lp.adaln_pe_dim % 2 == 0,
+           f"--config.loop.adaln_pe_dim={lp.adaln_pe_dim} must be even (sine and cosine "
+           "halves).")
+
+
+_L3_ALLOCATIONS = ("lzw", "uniform", "frequency")
+
+
+def _validate_l3(cfg, axes: dict) -> None:
+  """Checks cfg.l3 when L3 layers are inserted."""
+  l3, layers = cfg.l3, cfg.model.num_layers
+  after = tuple(l3.after_layers)
+  if not after:
+    return
+  _require(all(isinstance(p, int) and 1 <= p <= layers for p in after),
+           f"--config.l3.after_layers={after} must list decoder layers between 1 and "
+           f"model.num_layers={layers} (an L3 layer goes after that many layers).")
+  _require(len(set(after)) == len(after) and list(after) == sorted(after),
+           f"--config.l3.after_layers={after} must increase strictly.")
+  lp = cfg.loop
+  if lp.block_layers > 0:
+    inside = [p for p in after if lp.prefix_layers < p < lp.prefix_layers + lp.block_layers]
+    _require(not inside,
+             f"--config.l3.after_layers={after} puts an L3 layer inside the looped block "
+             f"(layers {lp.prefix_layers + 1}..{lp.prefix_layers + lp.block_layers}); place "
+             "it before or after the loop.")
+  vocab = data_lib.vocab_size(cfg.data)
+  _positive("l3", l3, "rows", "max_rows_per_token", "allocation_tokens", "up_dim",
+            "init_std")
+  _require(vocab <= l3.rows <= vocab * l3.max_rows_per_token,
+           f"--config.l3.rows={l3.rows} must lie between the vocabulary size ({vocab}: "
+           f"every token id owns at least one row) and vocab x l3.max_rows_per_token "
+           f"({vocab * l3.max_rows_per_token}).")
+  _require(l3.tie_kv or l3.emb_dim > 0,
+           f"--config.l3.emb_dim must be positive, got {l3.emb_dim}.")
+  _require(l3.allocation in _L3_ALLOCATIONS,
+           f"--config.l3.allocation={l3.allocation!r} is not one of {_L3_ALLOCATIONS}.")
+  _require(l3.path in ("padded", "sorted"),
+           f"--config.l3.path={l3.path!r} is not 'padded' or 'sorted'.")
+  ep = axes["expert"]
+  _require(l3.rows % ep == 0,
+           f"--config.l3.rows={l3.rows} is not divisible by the expert mesh axis ({ep}), "
+           f"which splits the L3 tables by rows; use a multiple of {ep}.")
+
+
 _SUBLAYER_VALIDATORS = {"moe": _validate_moe, "omnimoe": _validate_atomic,
                         "peer": _validate_atomic, "mohge": _validate_mohge}
 
@@ -234,6 +301,8 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
   validator = _SUBLAYER_VALIDATORS.get(cfg.model.sublayer)
   if validator is not None:
     validator(cfg, axes)
+  _validate_loop(cfg)
+  _validate_l3(cfg, axes)
   _require(cfg.checkpoint.keep >= 1,
            f"--config.checkpoint.keep must be at least 1, got {cfg.checkpoint.keep}.")
   _require(cfg.checkpoint.every > 0,

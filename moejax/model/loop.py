@@ -1,0 +1,95 @@
+"""The looped block of LoopMoE: one stack of decoder layers applied R times.
+
+    h_0 = output of the prefix layers
+    h_{k+1} = Block(h_k; k)      k = 0 .. R-1, the same weights every time
+    suffix layers read h_R
+
+The iterations run under `jax.lax.scan` (one compiled body whatever R is; with
+loop.remat each iteration's activations are recomputed in the backward pass,
+so activation memory is that of one iteration plus the R carried states).
+Nothing is re-injected between iterations (papers.md 3.a: LoopMoE does not add
+the prelude state back each time). Model state that the forward pass updates
+(router biases, BatchNorm statistics) is carried from one iteration to the next,
+so iteration k+1 sees the bias iteration k left.
+
+Diagnostics (aux, never losses):
+  loop/cos_consecutive   [R] mean over tokens of cos(h_{k+1}, h_k)
+  loop/cos_first, loop/cos_last   its first and last entries (progress line)
+  loop/<metric>          [R] every scalar metric of the block, per iteration
+  <metric>               its mean over iterations
+  expert_load/.../iter_k the per-expert load of each iteration, and the pooled
+                         load over all iterations under the layer's usual key
+  loop/pooled_load_entropy  entropy of the load pooled over iterations
+Auxiliary losses ("loss/*") are computed per iteration and summed, as for
+layers: each iteration's tokens are balanced on their own.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def _cosine(a, b) -> jax.Array:
+  a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
+  num = jnp.sum(a32 * b32, axis=-1)
+  den = jnp.sqrt(jnp.sum(a32 * a32, axis=-1) * jnp.sum(b32 * b32, axis=-1))
+  return jnp.mean(num / jnp.maximum(den, 1e-12))
+
+
+def _entropy(load) -> jax.Array:
+  p = load / jnp.maximum(jnp.sum(load), 1e-12)
+  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+
+
+def per_iteration_aux(stacked: dict, iterations: int) -> dict:
+  """Reduces {key: [R, ...]} from the scan to the aux entries listed above."""
+  out = {}
+  for key, value in stacked.items():
+    if key.startswith("loss/"):
+      out[key] = jnp.sum(value, axis=0)
+    elif key.startswith("expert_load/"):
+      pooled = jnp.mean(value, axis=0)
+      out[key] = pooled
+      out["loop/pooled_load_entropy"] = _entropy(pooled)
+      for k in range(iterations):
+        out[f"{key}/iter_{k}"] = value[k]
+    elif value.ndim == 1:
+      out[key] = jnp.mean(value)
+      out[f"loop/{key}"] = value
+    else:
+      out[key] = jnp.mean(value, axis=0)
+  return out
+
+
+def run_loop(blocks, x, *, iterations: int, remat: bool, combine_aux, **call_kwargs):
+  """Applies `blocks` (a list of Block) `iterations` times to x with shared weights.
+
+  Returns (x, aux): one aux dict for the whole looped block (see the module
+  docstring). call_kwargs go to every Block call (positions, segment_ids,
+  token_ids, step, train); loop_index is the iteration number."""
+  stack = nnx.List(list(blocks))
+  graphdef, params, rest = nnx.split(stack, nnx.Param, ...)
+
+  def body(carry, k):
+    h, state = carry
+    layers = nnx.merge(graphdef, params, state)
+    per_layer = []
+    h_next = h
+    for block in layers:
+      h_next, aux = block(h_next, loop_index=k, **call_kwargs)
+      per_layer.append(aux)
+    aux = combine_aux(per_layer)
+    aux["cos_consecutive"] = _cosine(h_next, h)
+    return (h_next, nnx.state(layers, nnx.Not(nnx.Param))), aux
+
+  if remat:
+    body = jax.checkpoint(body)
+  (x, rest), stacked = jax.lax.scan(body, (x, rest), jnp.arange(iterations))
+  nnx.update(stack, rest)
+  cos = stacked.pop("cos_consecutive")
+  aux = per_iteration_aux(stacked, iterations)
+  aux["loop/cos_consecutive"] = cos
+  aux["loop/cos_first"], aux["loop/cos_last"] = cos[0], cos[-1]
+  return x, aux
