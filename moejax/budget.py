@@ -199,7 +199,7 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
   layers_active = attn_active + ffn["active_params"] + extra["active_params"]
   total = embed + unembed + layers_params + norms
   # One token multiplies with the unembedding (which is the embedding when tied).
-  active = layers_active + norms + vocab * m.d_model
+  active = layers_active + (2 * depth + 1) * m.d_model + vocab * m.d_model
   fwd = depth * attn["flops_per_token"] + ffn["flops_per_token"] + extra["flops_per_token"]
   fwd += 2 * vocab * m.d_model
   breakdown.update({k: v for k, v in ffn.items()

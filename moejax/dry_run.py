@@ -12,6 +12,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import budget as budget_lib
+from moejax import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import sharding
@@ -31,10 +32,15 @@ def report(cfg) -> dict:
   config_lib.validate(cfg, num_devices=jax.device_count(),
                       num_processes=jax.process_count(), check_data=False)
   vocab = data_lib.vocab_size(cfg.data)
+  match = budget_match.check_config(cfg, vocab)
   b = budget_lib.model_budget(cfg, vocab)
   mesh = sharding.make_mesh(cfg.mesh)
+  l3_counts = None
+  if cfg.l3.after_layers:  # shapes only: any allocation with the configured rows will do
+    from moejax.l3_allocation import uniform_allocation  # pylint: disable=import-outside-toplevel
+    l3_counts = uniform_allocation(vocab, cfg.l3.rows, cfg.l3.max_rows_per_token)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
-    spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train))
+    spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train), l3_counts=l3_counts)
   params_bytes = _bytes_per_device(spec.abstract["params"], spec.shardings["params"])
   opt_bytes = _bytes_per_device(spec.abstract["opt_state"], spec.shardings["opt_state"])
   fmt = budget_lib.format_count
@@ -43,12 +49,18 @@ def report(cfg) -> dict:
         f"{spec.num_params:,}")
   print(f"non-embedding   {b['non_embedding_params']:,}")
   print(f"active/token    {b['active_params']:,} ({fmt(b['active_params'])})")
+  print(f"layers          {cfg.model.num_layers} unique, {b['effective_layers']} applied per "
+        f"token; attention:FFN active ratio {b['attn_ffn_active_ratio']:.4f}")
   print(f"FLOPs/token     forward {fmt(b['forward_flops_per_token'])}, "
         f"train {fmt(b['train_flops_per_token'])}")
   for key, value in b["ffn_breakdown"].items():
-    print(f"  {key:<26s}{fmt(value)} (summed over layers)")
+    print(f"  {key:<30s}{fmt(value)} (summed over layers)")
   print(f"mesh            {dict(mesh.shape)} over {jax.device_count()} device(s)")
   print(f"memory/device   params {params_bytes / 2**20:.1f} MiB + optimizer "
         f"{opt_bytes / 2**20:.1f} MiB (activations not included)")
+  if match is not None:
+    print(f"budget match    {cfg.budget_match.reference} (tolerance "
+          f"{cfg.budget_match.tolerance:.1%})")
+    print(budget_match.format_report(match))
   return dict(budget=b, params_bytes_per_device=params_bytes,
               opt_bytes_per_device=opt_bytes, num_params=spec.num_params)

@@ -32,6 +32,7 @@ from absl import logging
 from flax import nnx
 
 from moejax import budget as budget_lib
+from moejax import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import sharding
@@ -72,9 +73,10 @@ def split_aux(aux: dict) -> tuple[jax.Array, dict]:
 class StateSpec:
   """Graph definition, abstract state and shardings of model + optimizer."""
 
-  def __init__(self, cfg, vocab_size: int, mesh, tx):
+  def __init__(self, cfg, vocab_size: int, mesh, tx, *, l3_counts=None):
     rules = cfg.sharding.rules
     self.cfg, self.vocab_size, self.mesh, self.tx = cfg, vocab_size, mesh, tx
+    self.l3_counts = l3_counts
     abstract_model = nnx.eval_shape(lambda: self._new_model())
     self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     params_sh = sharding.state_shardings(abs_params, mesh, rules)
@@ -93,7 +95,8 @@ class StateSpec:
     self.num_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abs_params))
 
   def _new_model(self):
-    return Transformer(self.cfg, self.vocab_size, nnx.Rngs(params=self.cfg.seed))
+    return Transformer(self.cfg, self.vocab_size, nnx.Rngs(params=self.cfg.seed),
+                       l3_counts=self.l3_counts)
 
   def init(self) -> dict:
     """A fresh train state, created directly in its shardings."""
@@ -268,6 +271,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   wall_start = time.time()
   num_processes, process_index = jax.process_count(), jax.process_index()
   config_lib.validate(cfg, num_devices=jax.device_count(), num_processes=num_processes)
+  match = budget_match.check_config(cfg, data_lib.vocab_size(cfg.data))
   cfg_dict = config_lib.to_dict(cfg)
 
   # --- workdir, resume compatibility, config.json ----------------------------
@@ -293,6 +297,15 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   vocab_size = tokenizer.vocab_size
   seq_len, global_batch = cfg.data.seq_len, cfg.train.global_batch
 
+  l3_counts = None
+  if cfg.l3.after_layers:
+    from moejax import l3_allocation  # pylint: disable=import-outside-toplevel
+    l3_counts = l3_allocation.load_or_build(cfg.data, cfg.l3, vocab_size)
+    stats = l3_allocation.allocation_stats(l3_counts, max_rows=cfg.l3.max_rows_per_token)
+    say(f"L3 tables: {cfg.l3.rows:,} rows per layer after layers "
+        f"{tuple(cfg.l3.after_layers)}, {cfg.l3.allocation} allocation (rows per token id: "
+        f"min {stats['min_rows']}, mean {stats['mean_rows']:.1f}, max {stats['max_rows']})")
+
   # --- budget ---------------------------------------------------------------
   budget = budget_lib.model_budget(cfg, vocab_size)
   tokens_per_step = global_batch * seq_len
@@ -307,7 +320,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                         resume_step=latest)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     tx = make_optimizer(cfg.train)
-    spec = StateSpec(cfg, vocab_size, mesh, tx)
+    spec = StateSpec(cfg, vocab_size, mesh, tx, l3_counts=l3_counts)
     if spec.num_params != budget["params"]:
       logging.warning("Budget formula (%d params) disagrees with the model (%d).",
                       budget["params"], spec.num_params)
@@ -316,6 +329,9 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
         f"{budget_lib.format_count(budget['train_flops_per_token'])} train FLOPs/token | "
         f"mesh {dict(mesh.shape)} on {jax.device_count()} {jax.devices()[0].platform} "
         f"device(s), {num_processes} process(es)")
+    if match is not None:
+      say(f"budget matches {cfg.budget_match.reference} within "
+          f"{cfg.budget_match.tolerance:.1%}:\n{budget_match.format_report(match)}")
     say(f"data {dataset_info.get('name')} | tokenizer {cfg.data.tokenizer} "
         f"(vocab {vocab_size}) | {global_batch} x {seq_len} tokens/step | "
         f"workdir {workdir}")

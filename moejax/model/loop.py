@@ -19,7 +19,8 @@ Diagnostics (aux, never losses):
   <metric>               its mean over iterations
   expert_load/.../iter_k the per-expert load of each iteration, and the pooled
                          load over all iterations under the layer's usual key
-  loop/pooled_load_entropy  entropy of the load pooled over iterations
+  loop/pooled_load_entropy  normalised entropy of the load pooled over iterations
+                         (beside load_entropy, the mean of the per-iteration ones)
 Auxiliary losses ("loss/*") are computed per iteration and summed, as for
 layers: each iteration's tokens are balanced on their own.
 """
@@ -38,21 +39,23 @@ def _cosine(a, b) -> jax.Array:
   return jnp.mean(num / jnp.maximum(den, 1e-12))
 
 
-def _entropy(load) -> jax.Array:
+def _normalised_entropy(load) -> jax.Array:
+  """Entropy of a load vector over log(E): 1 = uniform, as load_entropy is."""
   p = load / jnp.maximum(jnp.sum(load), 1e-12)
-  return -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
+  return h / jnp.log(jnp.float32(max(load.shape[-1], 2)))
 
 
 def per_iteration_aux(stacked: dict, iterations: int) -> dict:
   """Reduces {key: [R, ...]} from the scan to the aux entries listed above."""
-  out = {}
+  out, pooled_entropies = {}, []
   for key, value in stacked.items():
     if key.startswith("loss/"):
       out[key] = jnp.sum(value, axis=0)
     elif key.startswith("expert_load/"):
       pooled = jnp.mean(value, axis=0)
       out[key] = pooled
-      out["loop/pooled_load_entropy"] = _entropy(pooled)
+      pooled_entropies.append(_normalised_entropy(pooled))
       for k in range(iterations):
         out[f"{key}/iter_{k}"] = value[k]
     elif value.ndim == 1:
@@ -60,6 +63,8 @@ def per_iteration_aux(stacked: dict, iterations: int) -> dict:
       out[f"loop/{key}"] = value
     else:
       out[key] = jnp.mean(value, axis=0)
+  if pooled_entropies:  # mean over the looped layers
+    out["loop/pooled_load_entropy"] = sum(pooled_entropies) / len(pooled_entropies)
   return out
 
 
