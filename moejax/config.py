@@ -263,6 +263,9 @@ def _validate_l3(cfg, axes: dict) -> None:
            f"({vocab * l3.max_rows_per_token}).")
   _require(l3.tie_kv or l3.emb_dim > 0,
            f"--config.l3.emb_dim must be positive, got {l3.emb_dim}.")
+  _require(not l3.tie_kv or l3.emb_dim == cfg.model.d_model,
+           f"--config.l3.tie_kv uses the keys as values, so --config.l3.emb_dim must equal "
+           f"model.d_model={cfg.model.d_model}, got {l3.emb_dim}.")
   _require(l3.allocation in _L3_ALLOCATIONS,
            f"--config.l3.allocation={l3.allocation!r} is not one of {_L3_ALLOCATIONS}.")
   _require(l3.path in ("padded", "sorted"),
