@@ -537,3 +537,12 @@ def test_train_and_eval_under_jit():
   _assert_trees_close(_non_params(model), got["state"], rtol=0, atol=0)
   eval2, _ = eval_fn(model, tokens)
   assert np.abs(np.asarray(eval2) - np.asarray(eval_logits)).max() > 1e-4
+
+
+def test_model_wide_metrics_weight_the_loop_by_its_layer_passes():
+  from moejax.model.transformer import combine_aux
+  plain = {"load_entropy": jnp.float32(0.5), "loss/load_balance": jnp.float32(1.0)}
+  looped = {"load_entropy": jnp.float32(0.9), "loss/load_balance": jnp.float32(3.0)}
+  out = combine_aux([plain, looped, plain], [1.0, 6.0, 1.0])
+  assert float(out["load_entropy"]) == pytest.approx((0.5 + 6 * 0.9 + 0.5) / 8)
+  assert float(out["loss/load_balance"]) == pytest.approx(5.0)  # losses add, unweighted

@@ -66,13 +66,17 @@ class Block(nnx.Module):
     return x, aux
 
 
-def combine_aux(per_layer: list[dict]) -> dict:
-  """Sums "loss/*" entries over layers and averages the metrics."""
+def combine_aux(per_layer: list[dict], weights: list[float] | None = None) -> dict:
+  """Sums "loss/*" entries over layers and averages the metrics, each entry
+  weighted by the layer passes it stands for (a looped block's entry already
+  averages block_layers x iterations passes)."""
+  weights = weights or [1.0] * len(per_layer)
   out, counts = {}, {}
-  for aux in per_layer:
+  for aux, w in zip(per_layer, weights):
     for k, v in aux.items():
-      out[k] = out.get(k, 0.0) + v
-      counts[k] = counts.get(k, 0) + 1
+      loss = k.startswith("loss/")
+      out[k] = out.get(k, 0.0) + (v if loss else w * v)
+      counts[k] = counts.get(k, 0) + w
   return {k: (v if k.startswith("loss/") else v / counts[k]) for k, v in out.items()}
 
 
@@ -118,7 +122,7 @@ class Transformer(nnx.Module):
     table = constrain(self.embed[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
-    per_layer = []
+    per_layer, weights = [], []
     kwargs = dict(positions=positions, segment_ids=segment_ids, token_ids=tokens,
                   step=step, train=train)
     i = 0
@@ -127,9 +131,11 @@ class Transformer(nnx.Module):
         x, aux = run_loop(list(self.blocks)[self.loop_start:self.loop_end], x,
                           iterations=self.iterations, remat=self.remat,
                           combine_aux=combine_aux, **kwargs)
+        weights.append(float((self.loop_end - self.loop_start) * self.iterations))
         i = self.loop_end
       else:
         x, aux = self.blocks[i](x, loop_index=None, **kwargs)
+        weights.append(1.0)
         i += 1
       per_layer.append(aux)
       if i in self.l3_after:
@@ -137,6 +143,7 @@ class Transformer(nnx.Module):
                                                  step=step, train=train)
         x = constrain(x + y.astype(x.dtype), ("batch", "seq", "act_embed"))
         per_layer.append(aux)
+        weights.append(1.0)
     x = self.final_norm(x)
     # Logits accumulate in float32 even with bf16 inputs: at |logit| ~ 10 a bf16
     # result would be rounded to 1/16 before the loss sees it.
@@ -147,4 +154,4 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "vocab"))
-    return logits.astype(jnp.float32), combine_aux(per_layer)
+    return logits.astype(jnp.float32), combine_aux(per_layer, weights)
