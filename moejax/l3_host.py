@@ -38,6 +38,7 @@ Limits:
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
 from typing import Callable, Iterable
@@ -49,7 +50,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.model.l3 import L3Index
-from moejax.train import BATCH_KEYS, cross_entropy
+from moejax.train import BATCH_KEYS, eval_sums
 
 TABLES = ("keys", "values")
 
@@ -206,16 +207,7 @@ def make_forward(graphdef) -> Callable:
 def make_eval_step(graphdef) -> Callable:
   """train.make_eval_step's computation, unsharded (shapes change with the bucket)."""
 
-  @jax.jit
-  def eval_step(params, model_state, batch, bytes_per_token):
-    model = nnx.merge(graphdef, params, model_state)
-    logits, _ = model(batch["inputs"], positions=batch["positions"],
-                      segment_ids=batch["segment_ids"], train=False)
-    nll_sum, w_sum = cross_entropy(logits, batch["targets"], batch["weights"])
-    nbytes = jnp.sum(bytes_per_token[batch["targets"]] * batch["weights"])
-    return dict(nll_sum=nll_sum, weight_sum=w_sum, bytes_sum=nbytes)
-
-  return eval_step
+  return jax.jit(functools.partial(eval_sums, graphdef))
 
 
 def evaluate_with_host_tables(graphdef, host: HostTables, batches: Iterable[dict],

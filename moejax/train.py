@@ -18,6 +18,7 @@ the last checkpoint on disk is always a good one.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import signal
@@ -168,17 +169,18 @@ def make_train_step(spec: StateSpec, cfg) -> Callable:
                  out_shardings=(spec.shardings, None), donate_argnums=(0,))
 
 
+def eval_sums(graphdef, params, model_state, batch, bytes_per_token) -> dict:
+  """One batch's summed token NLL, token weight and target bytes (eval forward)."""
+  model = nnx.merge(graphdef, params, model_state)
+  logits, _ = model(batch["inputs"], positions=batch["positions"],
+                    segment_ids=batch["segment_ids"], train=False)
+  nll_sum, w_sum = cross_entropy(logits, batch["targets"], batch["weights"])
+  nbytes = jnp.sum(bytes_per_token[batch["targets"]] * batch["weights"])
+  return dict(nll_sum=nll_sum, weight_sum=w_sum, bytes_sum=nbytes)
+
+
 def make_eval_step(spec: StateSpec) -> Callable:
-  graphdef = spec.graphdef
-
-  def eval_step(params, model_state, batch, bytes_per_token):
-    model = nnx.merge(graphdef, params, model_state)
-    logits, aux = model(batch["inputs"], positions=batch["positions"],
-                        segment_ids=batch["segment_ids"], train=False)
-    nll_sum, w_sum = cross_entropy(logits, batch["targets"], batch["weights"])
-    nbytes = jnp.sum(bytes_per_token[batch["targets"]] * batch["weights"])
-    return dict(nll_sum=nll_sum, weight_sum=w_sum, bytes_sum=nbytes)
-
+  eval_step = functools.partial(eval_sums, spec.graphdef)
   batch_sh = {k: sharding.batch_sharding(spec.mesh) for k in BATCH_KEYS}
   rep = sharding.replicated(spec.mesh)
   return jax.jit(eval_step, in_shardings=(spec.shardings["params"],
