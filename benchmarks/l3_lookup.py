@@ -105,7 +105,7 @@ def _time_once(fn, args):
 def _dense_width(cfg) -> int:
   """SwiGLU width with the L3 layer's active parameters: 3 d w = active."""
   from moejax import budget
-  active = budget.l3_budget(cfg, 0)["active_params"]
+  active = budget.l3_budget(cfg)["active_params"]
   return max(1, round(active / (3 * cfg.model.d_model)))
 
 

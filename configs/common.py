@@ -119,7 +119,8 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- large lookup layers (L3); see moejax/model/l3.py ---------------------
   c.l3 = ml_collections.ConfigDict()
-  c.l3.after_layers = ()  # insert an L3 layer after these decoder layers (1-based), e.g. (2,)
+  c.l3.after_layers = ()  # insert an L3 layer after this many decoder layers, e.g. (2,);
+                          # counts unique layers (a looped block counts once)
   c.l3.rows = 16384  # v: table rows per L3 layer, shared out over the vocabulary
   c.l3.max_rows_per_token = 32  # k: cap on the rows one token id owns
   c.l3.allocation = "lzw"  # rows per token id: "lzw", "uniform" or "frequency"

@@ -11,15 +11,23 @@ arms (papers.md section 3):
             depth, no IterAdaLN; experts resized by moejax/loop_balance.py so
             total params, FLOPs/token and the attention:FFN active ratio match
             vanilla within 1%
-  loopmoe   the same plan with IterAdaLN, balanced again (IterAdaLN's per-token
-            FLOPs are paid by slightly narrower experts)
+  loopmoe   the same plan with IterAdaLN, balanced again; at these sizes the
+            search lands on the same experts as loopbase and IterAdaLN's
+            per-token FLOPs (1.2% at tiny) fit inside the 1% FLOPs tolerance
+            (FLOPs +0.73% against vanilla, -0.44% without IterAdaLN)
 The looped arms set budget_match.reference to the vanilla arm, so training and
 --dry_run stop if an override breaks the match.
 sizes:
   tiny   d 128; vanilla 8 layers x 8 experts (width 192, top-2); loops: 1 prefix
          + 2 layers x 3 iterations + 1 suffix (4 unique layers), 17 experts of
          width 189. CPU, minutes.
-X
+  small  d 512; vanilla 12 layers x 8 experts (width 768, top-2), papers.md's
+         one-GPU plan; loops: 3 + 3 x 2 + 3 (9 unique layers), 11 experts of
+         width 764. (A 2 + 4 x 2 + 2 plan cannot match: one expert more or less
+         moves the total by 7.5%.)
+The balanced expert counts (17, 11) are prime: for expert parallelism
+(--config.mesh.expert > 1) balance with moejax.loop_balance.balance_loop(...,
+experts_multiple_of=EP) instead.
 """
 
 from configs.common import parse_preset

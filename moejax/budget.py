@@ -143,12 +143,11 @@ def iter_adaln_budget(cfg) -> dict:
   return dict(params=params, active_params=per_token, flops_per_token=2 * per_token)
 
 
-def l3_budget(cfg, vocab_size: int) -> dict:
+def l3_budget(cfg) -> dict:
   """One L3 layer. Table rows count as parameters; per token, the rows it reads
   are active. That number depends on the allocation and the token; the budget
   counts the cap l3.max_rows_per_token (an upper bound, and what the padded path
   computes for every token). Per row: a score (2 d) and a weighted value sum (2 e)."""
-  del vocab_size
   l3, d = cfg.l3, cfg.model.d_model
   e = d if l3.tie_kv else l3.emb_dim
   row_width = d if l3.tie_kv else d + e
@@ -190,7 +189,7 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
     breakdown.update({f"iter_adaln_{k}": v for k, v in adaln.items()})
     extra = {k: extra[k] + adaln[k] for k in extra}
   if len(cfg.l3.after_layers):
-    one = l3_budget(cfg, vocab)
+    one = l3_budget(cfg)
     n = len(cfg.l3.after_layers)
     breakdown.update({f"l3_{k}": n * v for k, v in one.items()})
     extra = {k: extra[k] + n * one[k] for k in extra}

@@ -34,7 +34,7 @@ RESUME_FIXED_FIELDS = (
     "loop.prefix_layers", "loop.block_layers", "loop.iterations", "loop.iter_adaln",
     "loop.adaln_dim", "loop.adaln_pe_dim", "loop.adaln_gate",
     "l3.after_layers", "l3.rows", "l3.max_rows_per_token", "l3.allocation",
-    "l3.allocation_tokens", "l3.emb_dim", "l3.up_dim", "l3.tie_kv",
+    "l3.allocation_tokens", "l3.emb_dim", "l3.up_dim", "l3.tie_kv", "l3.scale_scores",
 )
 # What identifies the data itself (recorded by moejax.data.dataset_info): the
 # same config can point at different data (another data_dir, another Python's
@@ -244,7 +244,7 @@ def _validate_l3(cfg, axes: dict) -> None:
     return
   _require(all(isinstance(p, int) and 1 <= p <= layers for p in after),
            f"--config.l3.after_layers={after} must list decoder layers between 1 and "
-           f"model.num_layers={layers} (an L3 layer goes after that many layers).")
+           f"model.num_layers={layers} (an L3 layer goes after that many unique layers).")
   _require(len(set(after)) == len(after) and list(after) == sorted(after),
            f"--config.l3.after_layers={after} must increase strictly.")
   lp = cfg.loop

@@ -23,6 +23,7 @@ prints the stats and the ids with the most rows.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -266,6 +267,10 @@ def train_tokens(data_cfg, limit: int) -> np.ndarray:
   return np.asarray(stream[:limit] if limit > 0 else stream)
 
 
+def _checksum(counts: np.ndarray) -> str:
+  return hashlib.sha256(np.ascontiguousarray(counts, np.int32).tobytes()).hexdigest()[:16]
+
+
 def _matches(meta: dict, want: dict) -> bool:
   return all(meta.get(k) == v for k, v in want.items())
 
@@ -296,21 +301,25 @@ def load_or_build(data_cfg, l3_cfg, vocab_size: int) -> np.ndarray:
   stream_path = _train_cache_path(data_cfg)
   tokens = train_tokens(data_cfg, limit)
   source = token_cache.load_info(stream_path)
-  want = dict(version=VERSION, method=method, rows=rows, max_rows=k,
+  split = data_cfg.train_split
+  want = dict(version=VERSION, method=method, rows=rows, max_rows=k, split=split,
               tokens_read=int(tokens.size), vocab_size=int(vocab_size),
               source_tokens=source.get("tokens"), source_fingerprint=source.get("fingerprint"),
               tokenizer_fingerprint=source.get("tokenizer_fingerprint"))
   path = os.path.join(os.path.dirname(stream_path), "l3_allocation",
-                      f"{method}-rows{rows}-k{k}-n{tokens.size}.npy")
+                      f"{split.replace('/', '_')}-{method}-rows{rows}-k{k}-n{tokens.size}.npy")
   meta_path = path[:-4] + ".json"
 
   def cached():
     if not (os.path.exists(path) and os.path.exists(meta_path)):
       return None
     with open(meta_path) as f:
-      if not _matches(json.load(f), want):
-        return None
-    return np.load(path)
+      meta = json.load(f)
+    if not _matches(meta, want):
+      return None
+    d = np.load(path)
+    # The checksum ties the array to its metadata (a rebuild replaces both files).
+    return d if meta.get("sha256") == _checksum(d) else None
 
   d = cached()
   if d is not None:
@@ -327,7 +336,7 @@ def load_or_build(data_cfg, l3_cfg, vocab_size: int) -> np.ndarray:
     np.save(tmp + ".npy", d)
     os.replace(tmp + ".npy", path)
     with open(tmp + ".json", "w") as f:
-      json.dump(dict(want, dataset=data_cfg.name, split=data_cfg.train_split,
+      json.dump(dict(want, dataset=data_cfg.name, sha256=_checksum(d),
                      token_cache=stream_path, seconds=seconds,
                      stats=allocation_stats(d, tokens, k)), f, indent=2, sort_keys=True)
     os.replace(tmp + ".json", meta_path)

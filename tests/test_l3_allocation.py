@@ -188,7 +188,7 @@ def test_load_or_build_caches_beside_the_token_cache(byte_corpus, monkeypatch):
   stream_path = preparation.cache_path(cfg.data, data.resolve_data_dir(cfg.data),
                                        data.load_tokenizer(cfg.data), "train")
   path = os.path.join(os.path.dirname(stream_path), "l3_allocation",
-                      "lzw-rows1056-k16-n100000.npy")
+                      "train-lzw-rows1056-k16-n100000.npy")
   assert built == ["lzw"] and os.path.exists(path)
   tokens = np.load(stream_path)[:100_000]
   assert d.tolist() == L.lzw_allocation(tokens, vocab, 1056, 16).tolist()
@@ -199,7 +199,7 @@ def test_load_or_build_caches_beside_the_token_cache(byte_corpus, monkeypatch):
   assert (meta["tokens_read"], meta["vocab_size"]) == (100_000, 264)
   assert meta["source_tokens"] == source["tokens"] > 100_000
   assert meta["source_fingerprint"] == source["fingerprint"]
-  assert meta["version"] == L.VERSION and meta["seconds"] >= 0
+  assert meta["version"] == L.VERSION and meta["seconds"] >= 0 and meta["split"] == "train"
   assert meta["stats"] == L.allocation_stats(d, tokens, 16)
 
   mtime = os.stat(path).st_mtime_ns
@@ -211,6 +211,9 @@ def test_load_or_build_caches_beside_the_token_cache(byte_corpus, monkeypatch):
     json.dump(dict(meta, version=L.VERSION - 1), f)
   L.load_or_build(cfg.data, cfg.l3, vocab)
   assert built == ["lzw", "lzw"]
+  np.save(path, np.roll(d, 1))  # an array that is not the one its record describes
+  assert L.load_or_build(cfg.data, cfg.l3, vocab).tolist() == d.tolist()
+  assert built == ["lzw", "lzw", "lzw"]
 
   other = cfg.l3.copy_and_resolve_references()
   other.allocation = "frequency"
@@ -219,10 +222,10 @@ def test_load_or_build_caches_beside_the_token_cache(byte_corpus, monkeypatch):
   assert os.path.exists(path.replace("lzw-", "frequency-"))
   other.allocation = "uniform"  # needs no tokens and writes nothing
   assert L.load_or_build(cfg.data, other, vocab).tolist() == [4] * 264
-  assert built == ["lzw", "lzw", "frequency"]
+  assert built == ["lzw", "lzw", "lzw", "frequency"]
   assert sorted(os.listdir(os.path.dirname(path))) == [
-      "frequency-rows1056-k16-n100000.json", "frequency-rows1056-k16-n100000.npy",
-      "lzw-rows1056-k16-n100000.json", "lzw-rows1056-k16-n100000.npy"]
+      "train-frequency-rows1056-k16-n100000.json", "train-frequency-rows1056-k16-n100000.npy",
+      "train-lzw-rows1056-k16-n100000.json", "train-lzw-rows1056-k16-n100000.npy"]
 
 
 def test_load_or_build_synthetic_is_computed_in_memory(tmp_path):

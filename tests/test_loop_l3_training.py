@@ -89,3 +89,66 @@ def test_budget_counts_the_parameters_the_model_has(overrides):
   _, params, _ = nnx.split(model, nnx.Param, ...)
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   assert budget_lib.model_budget(cfg, vocab)["params"] == built
+
+
+def test_looped_output_projections_start_at_the_unrolled_depth_scale():
+  from moejax.model.params import residual_depth
+  cfg = tiny_config(**LOOP)  # 3 unique layers, the middle one run 3 times
+  vocab = data_lib.vocab_size(cfg.data)
+  assert residual_depth(cfg) == budget_lib.model_budget(cfg, vocab)["effective_layers"] == 5
+  model = Transformer(cfg, vocab, nnx.Rngs(params=0))
+  for block in model.blocks:
+    for w in (block.attn.wo[...], block.ffn.w_down[...]):
+      assert float(np.std(np.asarray(w))) == pytest.approx(0.02 / math.sqrt(10), rel=0.1)
+
+
+def test_l3_layers_sit_where_after_layers_says_around_a_loop():
+  """Transformer logits equal an explicit composition: block 1, L3, the looped
+  block twice, block 3, L3, final norm, tied unembedding (W_mix nonzero)."""
+  import jax.numpy as jnp
+  cfg = tiny_config(**{"model.num_layers": 3, "loop.prefix_layers": 1,
+                       "loop.block_layers": 1, "loop.iterations": 2, **L3,
+                       "l3.after_layers": (1, 3)})
+  vocab = data_lib.vocab_size(cfg.data)
+  counts = l3_allocation.frequency_allocation(
+      np.random.default_rng(0).integers(0, vocab, 5000), vocab, cfg.l3.rows,
+      cfg.l3.max_rows_per_token)
+  model = Transformer(cfg, vocab, nnx.Rngs(params=0), l3_counts=counts)
+  for i, layer in enumerate(model.l3):
+    layer.w_mix[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.w_mix[...].shape)
+  for block in model.blocks:  # make IterAdaLN matter too
+    if block.attn_mod is not None:
+      for mod in (block.attn_mod, block.ffn_mod):
+        mod.w_mod[...] = 0.1 * jax.random.normal(jax.random.key(7), mod.w_mod[...].shape)
+  tokens = jax.random.randint(jax.random.key(3), (2, 16), 0, vocab)
+  logits, aux = model(tokens)
+
+  kw = dict(positions=jnp.broadcast_to(jnp.arange(16), tokens.shape),
+            segment_ids=jnp.ones_like(tokens), token_ids=tokens, step=None, train=False)
+  x = model.embed[...][tokens]
+  x, _ = model.blocks[0](x, loop_index=None, **kw)
+  x = x + model.l3[0](x, token_ids=tokens)[0]
+  for k in range(2):
+    x, _ = model.blocks[1](x, loop_index=jnp.int32(k), **kw)
+  x, _ = model.blocks[2](x, loop_index=None, **kw)
+  x = x + model.l3[1](x, token_ids=tokens)[0]
+  expected = jnp.einsum("bsd,vd->bsv", model.final_norm(x), model.embed[...])
+  np.testing.assert_allclose(logits, expected, rtol=1e-5, atol=1e-5)
+  assert "l3_entropy/after_01" in aux and "l3_entropy/after_03" in aux
+  assert float(jnp.max(jnp.abs(model.l3[0](x, token_ids=tokens)[0]))) > 0
+
+
+def test_l3_budget_equals_a_written_out_count():
+  from configs.l3 import get_config
+  cfg = get_config("lzw_tiny")
+  d, e, up, rows, k = 128, 128, 128, 8192, 32
+  layer_params = rows * (d + e) + e * up + (d + up) * d + d + 2 * up
+  layer_active = k * (d + e) + e * up + (d + up) * d + d + 2 * up
+  b = budget_lib.model_budget(cfg, 2048)
+  dense = budget_lib.model_budget(get_config("dense_tiny"), 2048)
+  ffn_delta = 4 * 3 * d * (344 - 384)  # the L3 arms' narrower SwiGLU, 4 layers
+  assert b["params"] == dense["params"] + layer_params + ffn_delta
+  assert b["active_params"] == dense["active_params"] + layer_active + ffn_delta
+  assert abs(b["active_params"] / dense["active_params"] - 1) < 0.01
+  flops = 2 * k * (d + e) + 2 * (e * up + (d + up) * d)
+  assert b["forward_flops_per_token"] == dense["forward_flops_per_token"] + flops + 2 * ffn_delta

@@ -16,7 +16,7 @@ from moejax.atomic_parallel import atomic_expert_parallel
 from moejax.model import load_balance as lb
 from moejax.model.atomic_experts import atomic_ffn
 from moejax.model.dense_ffn import SwiGLU
-from moejax.model.params import param
+from moejax.model.params import param, residual_depth
 
 
 def atomic_tables(rngs, num_experts: int, d_model: int, std: float, dtype):
@@ -28,7 +28,7 @@ def atomic_tables(rngs, num_experts: int, d_model: int, std: float, dtype):
 
 def shared_swiglu(cfg, width: int, rngs):
   m = cfg.model
-  return nnx.data(SwiGLU(m.d_model, width, init_std=m.init_std, num_layers=m.num_layers,
+  return nnx.data(SwiGLU(m.d_model, width, init_std=m.init_std, num_layers=residual_depth(cfg),
                          rngs=rngs, compute_dtype=m.compute_dtype,
                          param_dtype=m.param_dtype) if width > 0 else None)
 

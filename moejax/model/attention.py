@@ -18,10 +18,11 @@ from moejax.sharding import constrain
 
 class Attention(nnx.Module):
 
-  def __init__(self, cfg, rngs: nnx.Rngs):
+  def __init__(self, cfg, rngs: nnx.Rngs, *, depth: int | None = None):
+    """cfg: the model config; depth: layers for the output init (default num_layers)."""
     d, h, kv, hd = cfg.d_model, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     std, pd = cfg.init_std, jnp.dtype(cfg.param_dtype)
-    out_std = std / math.sqrt(2 * cfg.num_layers)
+    out_std = std / math.sqrt(2 * (depth or cfg.num_layers))
     self.num_heads, self.num_kv_heads, self.head_dim = h, kv, hd
     self.rope_theta = cfg.rope_theta
     self.dtype = jnp.dtype(cfg.compute_dtype)

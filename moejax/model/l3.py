@@ -19,6 +19,13 @@ variable: model state, not a parameter, so it is saved with checkpoints,
 replicated, and can be swapped for another allocation. Tables are split by rows
 over the `expert` mesh axis (l3_parallel.py) when that axis is larger than one.
 
+Choices where the sources are silent: the layer is pre-norm like every other
+sublayer (it reads and concatenates h = RMSNorm(x), not the raw residual x);
+scores are not scaled unless l3.scale_scores; the tables are decayed by AdamW
+like the token embedding. With model.param_dtype=bfloat16 the padded path's
+table gradients are scatter-added in bfloat16 (thousands of addends per row for
+a frequent id): keep L3 runs in float32 params.
+
 aux metrics (no losses): l3_entropy/after_NN (mean softmax entropy over tokens,
 nats) and l3_entropy_norm/after_NN (mean of H / log(count) over tokens whose id
 owns more than one row: 1 = uniform, 0 = one-hot).

@@ -10,7 +10,11 @@ so activation memory is that of one iteration plus the R carried states).
 Nothing is re-injected between iterations (papers.md 3.a: LoopMoE does not add
 the prelude state back each time). Model state that the forward pass updates
 (router biases, BatchNorm statistics) is carried from one iteration to the next,
-so iteration k+1 sees the bias iteration k left.
+so iteration k+1 sees the bias iteration k left. Note the asymmetry this makes
+with a Vanilla MoE under aux-loss-free balancing (moe.bias_update_rate > 0): a
+looped layer's bias moves R times per step, and in training later iterations
+route with a bias already nudged on the same batch. The loopmoe presets use a
+balance loss and no bias updates, so they are not affected.
 
 Diagnostics (aux, never losses):
   loop/cos_consecutive   [R] mean over tokens of cos(h_{k+1}, h_k)
@@ -52,6 +56,7 @@ def per_iteration_aux(stacked: dict, iterations: int) -> dict:
   for key, value in stacked.items():
     if key.startswith("loss/"):
       out[key] = jnp.sum(value, axis=0)
+      out[f"loop/{key[5:]}_loss"] = value  # each iteration's term, logged only
     elif key.startswith("expert_load/"):
       pooled = jnp.mean(value, axis=0)
       out[key] = pooled
@@ -90,7 +95,7 @@ def run_loop(blocks, x, *, iterations: int, remat: bool, combine_aux, **call_kwa
     return (h_next, nnx.state(layers, nnx.Not(nnx.Param))), aux
 
   if remat:
-    body = jax.checkpoint(body)
+    body = jax.checkpoint(body, prevent_cse=False)  # scan already keeps CSE apart
   (x, rest), stacked = jax.lax.scan(body, (x, rest), jnp.arange(iterations))
   nnx.update(stack, rest)
   cos = stacked.pop("cos_consecutive")

@@ -28,7 +28,7 @@ from moejax import dispatch, sharding
 from moejax.expert_parallel import expert_parallel_ffn
 from moejax.model import load_balance as lb
 from moejax.model.dense_ffn import SwiGLU
-from moejax.model.params import param
+from moejax.model.params import param, residual_depth
 from moejax.model.router import Router
 
 
@@ -54,10 +54,10 @@ class MoE(nnx.Module):
     self.w_up = param(rngs, shape_in, axes_in, std=m.init_std, dtype=pd)
     self.w_down = param(rngs, (e.num_experts, e.expert_ffn_dim, m.d_model),
                         ("expert", "expert_mlp", "embed"),
-                        std=m.init_std / math.sqrt(2 * m.num_layers), dtype=pd)
+                        std=m.init_std / math.sqrt(2 * residual_depth(cfg)), dtype=pd)
     self.shared = nnx.data(SwiGLU(
         m.d_model, e.num_shared_experts * e.expert_ffn_dim, init_std=m.init_std,
-        num_layers=m.num_layers, rngs=rngs, compute_dtype=m.compute_dtype,
+        num_layers=residual_depth(cfg), rngs=rngs, compute_dtype=m.compute_dtype,
         param_dtype=m.param_dtype) if e.num_shared_experts > 0 else None)
 
   def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):

@@ -44,7 +44,7 @@ from moejax.model import load_balance as lb
 from moejax.model import mohge_balance
 from moejax.model.dense_ffn import SwiGLU
 from moejax.model.group_router import route_groups
-from moejax.model.params import param
+from moejax.model.params import param, residual_depth
 from moejax.mohge_placement import expert_order
 
 
@@ -103,10 +103,10 @@ class MoHGE(nnx.Module):
                                std=m.init_std, dtype=jnp.float32)
     self.groups = nnx.List([
         ExpertGroup(self.per_group, m.d_model, w, init_std=m.init_std,
-                    num_layers=m.num_layers, param_dtype=pd, rngs=rngs)
+                    num_layers=residual_depth(cfg), param_dtype=pd, rngs=rngs)
         for w in self.widths])
     self.shared = nnx.data(SwiGLU(
-        m.d_model, h.shared_ffn_dim, init_std=m.init_std, num_layers=m.num_layers,
+        m.d_model, h.shared_ffn_dim, init_std=m.init_std, num_layers=residual_depth(cfg),
         rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
         if h.shared_ffn_dim > 0 else None)
     order = expert_order(self.num_groups, self.per_group, "decoupled")

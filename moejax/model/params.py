@@ -9,6 +9,16 @@ from flax import nnx
 from moejax.sharding import LOGICAL_AXES_KEY
 
 
+def residual_depth(cfg) -> int:
+  """Residual branches' layers a token passes through: model.num_layers, plus
+  (R - 1) per looped layer. Output projections are initialised with
+  std / sqrt(2 * depth) (GPT-2), so a looped model starts with the residual
+  stream scale of the unrolled model of the same effective depth."""
+  lp = cfg.loop
+  extra = (lp.iterations - 1) * lp.block_layers if lp.block_layers > 0 else 0
+  return cfg.model.num_layers + extra
+
+
 def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None],
           *, std: float, dtype=jnp.float32) -> nnx.Param:
   """A normal(0, std) parameter tagged with its logical axes."""

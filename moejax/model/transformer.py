@@ -23,7 +23,7 @@ from moejax.model.attention import Attention
 from moejax.model.iter_adaln import IterAdaLN
 from moejax.model.loop import run_loop
 from moejax.model.norm import RMSNorm
-from moejax.model.params import param
+from moejax.model.params import param, residual_depth
 from moejax.sharding import constrain
 
 
@@ -39,7 +39,7 @@ class Block(nnx.Module):
     m = cfg.model
     pd = jnp.dtype(m.param_dtype)
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
-    self.attn = Attention(m, rngs)
+    self.attn = Attention(m, rngs, depth=residual_depth(cfg))
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
     self.ffn = sublayers.build(cfg, layer_index, rngs)
     mods = [None, None]
