@@ -131,6 +131,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.l3.path = "padded"  # "padded" gather of max_rows rows, or "sorted" segment softmax
   c.l3.scale_scores = False  # divide the scores K_t x by sqrt(d_model)
   c.l3.init_std = 0.02  # table rows N(0, std)
+  c.l3.host_eval = False  # also run the final evaluation with the tables in host
+                          # memory, shipping each batch's rows (moejax/l3_host.py)
 
   # --- budget match: asserted before training --------------------------------
   c.budget_match = ml_collections.ConfigDict()

@@ -271,6 +271,10 @@ def _validate_l3(cfg, axes: dict) -> None:
   _require(l3.path in ("padded", "sorted"),
            f"--config.l3.path={l3.path!r} is not 'padded' or 'sorted'.")
   ep = axes["expert"]
+  _require(not l3.host_eval or ep == 1,
+           f"--config.l3.host_eval keeps whole tables on one host device, but the expert "
+           f"mesh axis ({ep}) splits them by rows; set --config.mesh.expert=1 or turn "
+           "host_eval off.")
   _require(l3.rows % ep == 0,
            f"--config.l3.rows={l3.rows} is not divisible by the expert mesh axis ({ep}), "
            f"which splits the L3 tables by rows; use a multiple of {ep}.")

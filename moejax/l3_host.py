@@ -50,7 +50,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.model.l3 import L3Index
-from moejax.train import BATCH_KEYS, eval_sums
+from moejax.train import BATCH_KEYS, eval_sums, metrics_from_totals
 
 TABLES = ("keys", "values")
 
@@ -235,11 +235,3 @@ def evaluate_with_host_tables(graphdef, host: HostTables, batches: Iterable[dict
     for k in totals:
       totals[k] += float(out[k])
   return metrics_from_totals(totals), shipments
-
-
-def metrics_from_totals(totals: dict) -> dict:
-  """The metrics train.evaluate reports, from summed nll, weights and bytes."""
-  loss = totals["nll_sum"] / max(totals["weight_sum"], 1.0)
-  bpb = totals["nll_sum"] / (math.log(2) * max(totals["bytes_sum"], 1.0))
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-          "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}

@@ -27,6 +27,7 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
 from absl import logging
@@ -209,10 +210,41 @@ def evaluate(eval_step, state, eval_iter, bytes_per_token, mesh, global_batch,
   for out in jax.device_get(pending):
     for k in totals:
       totals[k] += float(out[k])
+  return metrics_from_totals(totals)
+
+
+def metrics_from_totals(totals: dict) -> dict:
+  """Validation loss (nats/token), perplexity and bits per byte from summed NLL,
+  token weights and target bytes."""
   loss = totals["nll_sum"] / max(totals["weight_sum"], 1.0)
   bpb = totals["nll_sum"] / (math.log(2) * max(totals["bytes_sum"], 1.0))
   return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
           "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}
+
+
+def host_table_eval(cfg, spec, state, eval_iter, tokenizer) -> dict:
+  """The final evaluation again with the L3 tables in host memory, shipping each
+  batch's rows (moejax/l3_host.py): its metrics and what it shipped."""
+  from moejax import l3_host  # pylint: disable=import-outside-toplevel
+  # One device holds the rest of the model; the model's sharding constraints
+  # then refer to a one-device mesh.
+  device = jax.devices()[0]
+  one = sharding.make_mesh(ml_collections.ConfigDict(
+      dict(data=1, fsdp=1, expert=1, tensor=1)), devices=[device])
+  with sharding.use_mesh(one, cfg.sharding.rules):
+    host = l3_host.HostTables.from_state(jax.device_put(state["params"], device),
+                                         jax.device_put(state["model_state"], device),
+                                         device=device)
+    metrics, shipped = l3_host.evaluate_with_host_tables(
+        spec.graphdef, host, eval_iter.iter_eval(cfg.train.final_eval_batches or None),
+        tokenizer.bytes_per_token)
+  n = max(len(shipped), 1)
+  return dict(metrics, batches=len(shipped),
+              mean_rows_shipped=sum(s.bucket_rows for s in shipped) / n,
+              mean_fraction=sum(s.fraction for s in shipped) / n,
+              mean_kib=sum(s.bytes for s in shipped) / n / 1024,
+              mean_gather_ms=1e3 * sum(s.gather_s for s in shipped) / n,
+              mean_transfer_ms=1e3 * sum(s.transfer_s for s in shipped) / n)
 
 
 # ----------------------------------------------------------------------------
@@ -447,6 +479,13 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                  devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     if status == "completed":
       final.update(run_eval(cfg.train.final_eval_batches))
+      if cfg.l3.after_layers and cfg.l3.host_eval:
+        final["l3_host_eval"] = host_table_eval(cfg, spec, state, eval_iter, tokenizer)
+        say(f"L3 host-table evaluation: loss {final['l3_host_eval']['eval/loss']:.4f} "
+            f"(device tables: {final['eval/loss']:.4f}); per batch "
+            f"{final['l3_host_eval']['mean_rows_shipped']:,.0f} rows shipped = "
+            f"{final['l3_host_eval']['mean_fraction']:.1%} of the tables, "
+            f"{final['l3_host_eval']['mean_kib']:,.0f} KiB")
       writer.write_scalars(end_step, {k: v for k, v in final.items() if k.startswith("eval/")})
     writer.flush()
     writer.close()

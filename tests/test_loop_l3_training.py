@@ -36,7 +36,14 @@ OVERRIDES = {**LOOP, **L3, "l3.after_layers": (1, 3)}
 
 
 def test_looped_moe_with_l3_trains_logs_diagnostics_and_saves_its_allocation(tmp_path):
-  straight = _train(tmp_path, OVERRIDES)
+  cfg = tiny_config(**{"train.steps": 6, "train.warmup_steps": 1, "checkpoint.every": 3,
+                       **OVERRIDES, "l3.host_eval": True})
+  final = train_and_evaluate(cfg, str(tmp_path))
+  straight = {r["step"]: r for r in read_metrics(str(tmp_path)) if "loss" in r}
+  # The final evaluation again with host-resident tables gives the same loss.
+  host = final["l3_host_eval"]
+  assert host["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
+  assert host["batches"] >= 1 and 0 < host["mean_fraction"] <= 1 and host["mean_kib"] > 0
   assert straight[6]["loss"] < straight[1]["loss"]
   row = straight[6]
   assert np.shape(row["aux/loop/cos_consecutive"]) == (3,)
