@@ -467,7 +467,7 @@ def test_budget_params_and_flops(plan, iter_adaln, gate):
 
 @pytest.mark.parametrize("mesh_shape", [
     dict(data=2, fsdp=1, expert=4, tensor=1),
-    dict(data=4, fsdp=2, expert=1, tensor=1),
+    pytest.param(dict(data=4, fsdp=2, expert=1, tensor=1), marks=pytest.mark.slow),
 ], ids=["data2_expert4", "data4_fsdp2"])
 def test_looped_model_on_a_mesh_equals_single_device(mesh_shape, monkeypatch):
   plan_name = "p1b1r3s1"

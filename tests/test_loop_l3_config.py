@@ -65,6 +65,20 @@ def test_broken_budget_match_stops_run_py_before_training(tmp_path):
   assert len(lines) == 1 and "params" in lines[0] and "Traceback" not in r.stderr
 
 
+def test_resume_refuses_changed_loop_fields():
+  saved = config_lib.to_dict(tiny_config(**_LOOP))
+  for field, value in (("loop.iterations", 3), ("loop.block_layers", 1),
+                       ("loop.prefix_layers", 0), ("loop.iter_adaln", False),
+                       ("loop.adaln_dim", 8)):
+    current = config_lib.to_dict(tiny_config(**{**_LOOP, field: value}))
+    with pytest.raises(ConfigError, match=field):
+      config_lib.check_resume_compatible(saved, current, "/w")
+  # recomputing activations changes nothing the checkpoint holds
+  config_lib.check_resume_compatible(
+      saved, config_lib.to_dict(tiny_config(**{**_LOOP, "loop.remat": True})), "/w")
+
+
+@pytest.mark.slow
 def test_resume_refuses_a_changed_loop(tmp_path):
   flags = {**TINY_FLAGS, "model.sublayer": "moe", "model.num_layers": 3,
            "loop.prefix_layers": 1, "loop.block_layers": 1, "loop.iterations": 2,
