@@ -109,13 +109,12 @@ def test_looped_output_projections_start_at_the_unrolled_depth_scale():
       assert float(np.std(np.asarray(w))) == pytest.approx(0.02 / math.sqrt(10), rel=0.1)
 
 
-def test_l3_layers_sit_where_after_layers_says_around_a_loop():
-  """Transformer logits equal an explicit composition: block 1, L3, the looped
-  block twice, block 3, L3, final norm, tied unembedding (W_mix nonzero)."""
-  import jax.numpy as jnp
+def _looped_l3_model(**overrides):
+  """1 + 1 x 2 + 1 layers with L3 after layers 1 and 3, a frequency allocation
+  and nonzero W_mix (so the lookups matter); -> (cfg, vocab, model)."""
   cfg = tiny_config(**{"model.num_layers": 3, "loop.prefix_layers": 1,
                        "loop.block_layers": 1, "loop.iterations": 2, **L3,
-                       "l3.after_layers": (1, 3)})
+                       "l3.after_layers": (1, 3), **overrides})
   vocab = data_lib.vocab_size(cfg.data)
   counts = l3_allocation.frequency_allocation(
       np.random.default_rng(0).integers(0, vocab, 5000), vocab, cfg.l3.rows,
@@ -123,6 +122,14 @@ def test_l3_layers_sit_where_after_layers_says_around_a_loop():
   model = Transformer(cfg, vocab, nnx.Rngs(params=0), l3_counts=counts)
   for i, layer in enumerate(model.l3):
     layer.w_mix[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.w_mix[...].shape)
+  return cfg, vocab, model
+
+
+def test_l3_layers_sit_where_after_layers_says_around_a_loop():
+  """Transformer logits equal an explicit composition: block 1, L3, the looped
+  block twice, block 3, L3, final norm, tied unembedding (W_mix nonzero)."""
+  import jax.numpy as jnp
+  cfg, vocab, model = _looped_l3_model()
   for block in model.blocks:  # make IterAdaLN matter too
     if block.attn_mod is not None:
       for mod in (block.attn_mod, block.ffn_mod):
@@ -169,16 +176,7 @@ def test_looped_model_with_row_split_l3_on_a_mesh_equals_single_device(monkeypat
   from jax.sharding import NamedSharding, PartitionSpec as P
   from moejax import l3_parallel, sharding
   from moejax.model import l3 as l3_module
-  cfg = tiny_config(**{"model.num_layers": 3, "loop.prefix_layers": 1,
-                       "loop.block_layers": 1, "loop.iterations": 2, **L3,
-                       "l3.after_layers": (1, 3), "mesh.data": 2, "mesh.expert": 4})
-  vocab = data_lib.vocab_size(cfg.data)
-  counts = l3_allocation.frequency_allocation(
-      np.random.default_rng(0).integers(0, vocab, 5000), vocab, cfg.l3.rows,
-      cfg.l3.max_rows_per_token)
-  model = Transformer(cfg, vocab, nnx.Rngs(params=0), l3_counts=counts)
-  for i, layer in enumerate(model.l3):
-    layer.w_mix[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.w_mix[...].shape)
+  cfg, vocab, model = _looped_l3_model(**{"mesh.data": 2, "mesh.expert": 4})
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, vocab)
 
