@@ -45,7 +45,6 @@ output and temporary bytes; peak = argument + output + temp - alias).
 import math
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -97,13 +96,6 @@ def _compile(fn, *args):
   import jax
   compiled = jax.jit(fn).lower(*args).compile()
   return compiled, common.memory_bytes(compiled)
-
-
-def _time_once(fn, args):
-  import jax
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
 
 
 # ----------------------------------------------------------------------------- router
@@ -168,9 +160,9 @@ def run_router() -> dict:
           continue
       try:
         compiled, mem = _compile(fn, a, b)
-        first = _time_once(compiled, (a, b))
+        first = common.time_once(compiled, (a, b))
         reps = 1 if first > FLAGS.slow_limit_s else FLAGS.router_repeats
-        times = [_time_once(compiled, (a, b)) for _ in range(reps)]
+        times = [common.time_once(compiled, (a, b)) for _ in range(reps)]
       except Exception as e:  # pylint: disable=broad-except  # OOM and friends
         row[f"{name}_seconds"] = None
         row[f"{name}_note"] = f"not run ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
@@ -298,7 +290,7 @@ def run_layer() -> dict:
   for v in variants:
     fn, args = _layer_step(*v, x)
     exe, memory[v] = _compile(fn, *args)
-    first = _time_once(exe, args)
+    first = common.time_once(exe, args)
     compiled[v] = (exe, args)
     times[v] = [first] if first > FLAGS.slow_limit_s else []
     if first > FLAGS.slow_limit_s:
@@ -308,7 +300,7 @@ def run_layer() -> dict:
   for _ in range(FLAGS.repeats):
     for v in variants:
       if v not in once:
-        times[v].append(_time_once(*compiled[v]))
+        times[v].append(common.time_once(*compiled[v]))
   med = {v: float(np.median(t)) for v, t in times.items()}
   rows = []
   for v in variants:
@@ -336,10 +328,6 @@ def run_layer() -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def _ms(s):
-  return "-" if s is None else f"{s * 1e3:.2f}"
-
-
 def _router_md(r) -> list[str]:
   s = r["summary"]
   lines = [
@@ -354,11 +342,11 @@ def _router_md(r) -> list[str]:
       "product temp MiB | full temp MiB |",
       "|---|---|---|---|---|---|---|---|"]
   for q in r["rows"]:
-    full = _ms(q.get("full_seconds")) if q.get("full_seconds") is not None else q.get(
+    full = common.ms(q.get("full_seconds")) if q.get("full_seconds") is not None else q.get(
         "full_note", "-")
     lines.append(
-        f"| 2^{q['log2_experts']} | {q['side']} | {_ms(q.get('product_seconds'))} | {full} | "
-        f"{_ms(q.get('log_softmax_seconds'))} | {q['full_chunk_tokens']} | "
+        f"| 2^{q['log2_experts']} | {q['side']} | {common.ms(q.get('product_seconds'))} | {full} | "
+        f"{common.ms(q.get('log_softmax_seconds'))} | {q['full_chunk_tokens']} | "
         f"{common.mib(q.get('product_temp_bytes'))} | {common.mib(q.get('full_temp_bytes'))} |")
   base, top = s["base_experts"], s["max_experts"]
   lb, lt = int(round(math.log2(base))), int(round(math.log2(top)))
@@ -408,8 +396,8 @@ def _layer_md(r, d, tokens, shared) -> list[str]:
     note = " (timed once)" if q["timed_once"] else ""
     lines.append(
         f"| {q['level']} | 2^{int(round(math.log2(q['experts'])))} | {q['top_k']} | "
-        f"{q['path']} | {_ms(q['seconds'])}{note} | {q['dense_width']} | "
-        f"{_ms(q['dense_seconds'])} | {q['ratio_vs_dense']:.1f} | "
+        f"{q['path']} | {common.ms(q['seconds'])}{note} | {q['dense_width']} | "
+        f"{common.ms(q['dense_seconds'])} | {q['ratio_vs_dense']:.1f} | "
         f"{q['fwd_flops_per_token']:,} / {q['dense_fwd_flops_per_token']:,} | "
         f"{common.mib(q['temp_bytes'])} | {common.mib(q['peak_bytes'])} | "
         f"{common.mib(q['dense_peak_bytes'])} |")

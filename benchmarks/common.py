@@ -13,6 +13,7 @@ import json
 import os
 import platform
 import sys
+import time
 
 
 def cpu_model() -> str:
@@ -98,6 +99,19 @@ def memory_bytes(compiled) -> dict:
   else:
     out["peak"] = None
   return out
+
+
+def time_once(fn, args) -> float:
+  """Seconds of one call of fn(*args), waiting for its outputs."""
+  import jax  # pylint: disable=import-outside-toplevel
+  t0 = time.perf_counter()
+  jax.block_until_ready(fn(*args))
+  return time.perf_counter() - t0
+
+
+def ms(seconds) -> str:
+  """Seconds as milliseconds for a table cell; '-' for None."""
+  return "-" if seconds is None else f"{seconds * 1e3:.2f}"
 
 
 def mib(value) -> str:

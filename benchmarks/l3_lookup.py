@@ -92,13 +92,6 @@ def _randomize_w_mix(params, seed=0):
   return nnx.State.from_flat_path(pairs)
 
 
-def _time_once(fn, args):
-  import jax
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
-
-
 # ----------------------------------------------------------------------------- part 1
 
 
@@ -159,7 +152,7 @@ def run_layer() -> dict:
       fn, args = _layer_step(kind, cfg, counts, x, ids)
       exe = jax.jit(fn).lower(*args).compile()
       memory[kind] = common.memory_bytes(exe)
-      first = _time_once(exe, args)
+      first = common.time_once(exe, args)
       compiled[kind] = (exe, args)
       times[kind] = [first] if first > FLAGS.slow_limit_s else []
       if first > FLAGS.slow_limit_s:
@@ -169,7 +162,7 @@ def run_layer() -> dict:
     for _ in range(FLAGS.repeats):
       for kind in kinds:
         if kind not in once:
-          times[kind].append(_time_once(*compiled[kind]))
+          times[kind].append(common.time_once(*compiled[kind]))
     med = {k: float(np.median(t)) for k, t in times.items()}
     read = counts[np.asarray(ids).reshape(-1)]
     out.append(dict(
@@ -218,12 +211,12 @@ def run_host() -> dict:
     ship = [None] * len(batches)
     for _ in range(FLAGS.repeats):
       for i, tokens in enumerate(batches):
-        dev[i].append(_time_once(forward, (params, rest, tokens)))
+        dev[i].append(common.time_once(forward, (params, rest, tokens)))
         state = host.batch_state(tokens)
         ship[i] = host.last
         hst[i]["gather"].append(ship[i].gather_s)
         hst[i]["transfer"].append(ship[i].transfer_s)
-        hst[i]["forward"].append(_time_once(forward, (*state, tokens)))
+        hst[i]["forward"].append(common.time_once(forward, (*state, tokens)))
         del state
     med = lambda xs: float(np.median(xs))
     dev_s = float(np.mean([med(t) for t in dev]))
@@ -254,10 +247,6 @@ def run_host() -> dict:
 # ----------------------------------------------------------------------------- report
 
 
-def _ms(s):
-  return "-" if s is None else f"{s * 1e3:.2f}"
-
-
 def _kib(b):
   return f"{b / 1024:,.1f}"
 
@@ -280,7 +269,7 @@ def _layer_md(r) -> list[str]:
       note = " (timed once)" if v["timed_once"] else ""
       lines.append(
           f"| {s['shape']} | {s['batch']}x{s['seq']} | {s['d']} | {s['rows']:,} | "
-          f"{s['max_rows']} | {s['mean_rows_read']:.1f} | {kind} | {_ms(v['seconds'])}{note} "
+          f"{s['max_rows']} | {s['mean_rows_read']:.1f} | {kind} | {common.ms(v['seconds'])}{note} "
           f"| {v['ratio_vs_dense']:.1f} | {common.mib(v['temp_bytes'])} | "
           f"{common.mib(v['peak_bytes'])} |")
   return lines
@@ -307,8 +296,8 @@ def _host_md(r) -> list[str]:
     lines.append(
         f"| {q['batch']}x{q['seq']} | {q['distinct_ids']:.0f} | {q['rows']:,.0f} | "
         f"{q['bucket_rows']:,.0f} | {q['fraction']:.1%} | {_kib(q['bytes'])} | "
-        f"{_ms(q['gather_seconds'])} | {_ms(q['transfer_seconds'])} | "
-        f"{_ms(q['device_forward_seconds'])} | {_ms(q['host_forward_seconds'])} | "
+        f"{common.ms(q['gather_seconds'])} | {common.ms(q['transfer_seconds'])} | "
+        f"{common.ms(q['device_forward_seconds'])} | {common.ms(q['host_forward_seconds'])} | "
         f"{q['forward_ratio']:.2f} | {q['total_ratio']:.2f} |")
   lines += ["", "- buckets seen (rows, summed over layers): " + "; ".join(
       f"{q['batch']}x{q['seq']}: {', '.join(str(b) for b in q['buckets'])}"

@@ -7,8 +7,10 @@ top-k MoE does in expert_parallel.py) every shard gathers the tokens of its
 `expert` group once (all_gather: (EP - 1) rows of d per token), evaluates the
 pairs with the experts of other shards counted as "no expert" (they read zero
 rows and add nothing), and the partial outputs are summed in float32 and split
-back with one reduce-scatter. Whenever EP <= k this moves no more data than
-the all-to-all would, needs no buffer capacity, and never drops a pair.
+back with one reduce-scatter. The reduce-scatter is float32 for accuracy, so
+with bfloat16 activations it moves twice the bytes of a bfloat16 one: this moves
+no more data than the all-to-all would whenever EP <= k (float32 activations)
+or EP <= k / 2 (bfloat16), needs no buffer capacity, and never drops a pair.
 
 The cost: every shard evaluates all EP * T_l * k pairs of its group (the
 foreign ones as zeros), i.e. EP times the per-device work of data parallelism,

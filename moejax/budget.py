@@ -18,6 +18,7 @@ summed over layers into the breakdown.
 """
 
 from moejax import data as data_lib
+from moejax.model.loop import layer_applications
 from moejax.registry import Registry
 
 # name -> fn(cfg, layer_index) -> dict(params=, active_params=, flops_per_token=, ...)
@@ -120,16 +121,6 @@ def attention_budget(cfg) -> dict:
   return dict(params=proj, active_params=proj, flops_per_token=2 * proj + scores)
 
 
-def loop_applications(cfg) -> list[int]:
-  """How many times each unique decoder layer runs per token (R inside the loop)."""
-  m, lp = cfg.model, cfg.loop
-  reps = [1] * m.num_layers
-  if lp.block_layers > 0:
-    for i in range(lp.prefix_layers, lp.prefix_layers + lp.block_layers):
-      reps[i] = lp.iterations
-  return reps
-
-
 def iter_adaln_budget(cfg) -> dict:
   """One IterAdaLN site (a pre-norm of a looped layer): the iteration MLP
   PE(k) -> a -> a runs once per iteration, not per token, so it costs
@@ -169,7 +160,7 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
   m = cfg.model
   vocab = vocab_size or data_lib.vocab_size(cfg.data)
   fn = SUBLAYER_BUDGETS.get(m.sublayer)
-  reps = loop_applications(cfg)
+  reps = layer_applications(cfg)
   per_layer = [fn(cfg, i) for i in range(m.num_layers)]
   ffn = {k: sum(b.get(k, 0) * (r if k != "params" else 1) for b, r in zip(per_layer, reps))
          for b in per_layer for k in b}

@@ -275,10 +275,13 @@ def test_grouped_layout_equals_one_call_per_group_and_recompute_equals_stored(mo
                                        argnums=(0, 1))(x, stacks)
   # The grouped path recomputes pre-activations; force the storing backward too.
   real = sorted_blocks.block_swiglu_ranges
+  asked = []  # what the grouped path asked for, before the override
   monkeypatch.setattr(sorted_blocks, "block_swiglu_ranges",
-                      lambda *a, recompute=False: real(*a, recompute=False))
+                      lambda *a, recompute=False: asked.append(recompute)
+                      or real(*a, recompute=False))
   results["stored"] = jax.value_and_grad(lambda x, s: jnp.sum(grouped(x, s) * proj),
                                          argnums=(0, 1))(x, stacks)
+  assert asked and all(asked)  # the override ran, in place of recomputation
   for name in ("per_group", "stored"):
     for a, b in zip(jax.tree.leaves(results["grouped"]), jax.tree.leaves(results[name])):
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6, err_msg=name)

@@ -11,7 +11,7 @@ Pallas kernels.
 
 import jax.numpy as jnp
 
-from moejax.dispatch.block_swiglu import block_swiglu, block_swiglu_ranges, expert_block_ranges
+from moejax.dispatch.block_swiglu import block_swiglu_ranges, expert_block_ranges
 from moejax.dispatch.gather import dispatch_rows, gather_pairs
 from moejax.dispatch.layout import block_layout
 
@@ -31,18 +31,10 @@ def auto_block_size(num_pairs: int, num_experts: int) -> int:
 def expert_rows_sorted(x, expert_idx, combine_weights, w_gate, w_up, w_down, *,
                        block_size: int = 0):
   """x [T, d], expert_idx [T, k] (E = no expert), combine_weights [T, k] ->
-  (y [T, d] in x.dtype, per-pair outputs are combined in float32)."""
-  num_tokens, k = expert_idx.shape
-  num_experts = w_gate.shape[0]
-  block = block_size or auto_block_size(num_tokens * k, num_experts)
-  lay = block_layout(expert_idx, num_experts, block)
-  rows = dispatch_rows(x, lay.row_pair, lay.pair_row, k)
-  out_rows = block_swiglu(rows, w_gate, w_up, w_down, lay.block_expert, lay.num_blocks,
-                          block)
-  out = gather_pairs(out_rows, lay.pair_row, lay.row_pair).reshape(num_tokens, k, -1)
-  y = jnp.einsum("tk,tkd->td", combine_weights.astype(jnp.float32), out,
-                 preferred_element_type=jnp.float32)
-  return y.astype(x.dtype)
+  (y [T, d] in x.dtype, per-pair outputs are combined in float32): the grouped
+  layout with one group of equal-width experts."""
+  return expert_rows_sorted_groups(x, expert_idx, combine_weights, [(w_gate, w_up, w_down)],
+                                   block_size=block_size)
 
 
 def expert_rows_sorted_groups(x, expert_idx, combine_weights, groups, *, block_size: int = 0):

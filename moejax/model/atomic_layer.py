@@ -15,8 +15,7 @@ from moejax import sharding
 from moejax.atomic_parallel import atomic_expert_parallel
 from moejax.model import load_balance as lb
 from moejax.model.atomic_experts import atomic_ffn
-from moejax.model.dense_ffn import SwiGLU
-from moejax.model.params import param, residual_depth
+from moejax.model.params import param
 
 
 def atomic_tables(rngs, num_experts: int, d_model: int, std: float, dtype):
@@ -24,13 +23,6 @@ def atomic_tables(rngs, num_experts: int, d_model: int, std: float, dtype):
   axes = ("expert", "embed")
   return (param(rngs, (num_experts, d_model), axes, std=std, dtype=dtype),
           param(rngs, (num_experts, d_model), axes, std=std, dtype=dtype))
-
-
-def shared_swiglu(cfg, width: int, rngs):
-  m = cfg.model
-  return nnx.data(SwiGLU(m.d_model, width, init_std=m.init_std, num_layers=residual_depth(cfg),
-                         rngs=rngs, compute_dtype=m.compute_dtype,
-                         param_dtype=m.param_dtype) if width > 0 else None)
 
 
 def routed_atomic(path, tokens, expert_idx, gates, expert_in, expert_out, activation):

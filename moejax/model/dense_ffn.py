@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.params import param
+from moejax.model.params import param, residual_depth
 from moejax.sharding import constrain
 
 
@@ -34,3 +34,15 @@ class SwiGLU(nnx.Module):
     h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
     h = constrain(h, ("batch", "seq", "mlp"))
     return h @ self.w_down[...].astype(dt), {}
+
+
+def swiglu(cfg, width: int, rngs: nnx.Rngs) -> SwiGLU:
+  """A SwiGLU of `width` with the model's dtypes and the depth-scaled output init."""
+  m = cfg.model
+  return SwiGLU(m.d_model, width, init_std=m.init_std, num_layers=residual_depth(cfg),
+                rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
+
+
+def optional_swiglu(cfg, width: int, rngs: nnx.Rngs):
+  """The always-on shared SwiGLU beside routed experts, or None when width is 0."""
+  return nnx.data(swiglu(cfg, width, rngs) if width > 0 else None)

@@ -35,19 +35,24 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.model import load_balance as lb
+
+
+def layer_applications(cfg) -> list[int]:
+  """How many times each unique decoder layer runs per token (R inside the loop)."""
+  m, lp = cfg.model, cfg.loop
+  reps = [1] * m.num_layers
+  if lp.block_layers > 0:
+    for i in range(lp.prefix_layers, lp.prefix_layers + lp.block_layers):
+      reps[i] = lp.iterations
+  return reps
+
 
 def _cosine(a, b) -> jax.Array:
   a32, b32 = a.astype(jnp.float32), b.astype(jnp.float32)
   num = jnp.sum(a32 * b32, axis=-1)
   den = jnp.sqrt(jnp.sum(a32 * a32, axis=-1) * jnp.sum(b32 * b32, axis=-1))
   return jnp.mean(num / jnp.maximum(den, 1e-12))
-
-
-def _normalised_entropy(load) -> jax.Array:
-  """Entropy of a load vector over log(E): 1 = uniform, as load_entropy is."""
-  p = load / jnp.maximum(jnp.sum(load), 1e-12)
-  h = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return h / jnp.log(jnp.float32(max(load.shape[-1], 2)))
 
 
 def per_iteration_aux(stacked: dict, iterations: int) -> dict:
@@ -60,7 +65,7 @@ def per_iteration_aux(stacked: dict, iterations: int) -> dict:
     elif key.startswith("expert_load/"):
       pooled = jnp.mean(value, axis=0)
       out[key] = pooled
-      pooled_entropies.append(_normalised_entropy(pooled))
+      pooled_entropies.append(lb.health_metrics(pooled, jnp.float32(0))["load_entropy"])
       for k in range(iterations):
         out[f"{key}/iter_{k}"] = value[k]
     elif value.ndim == 1:

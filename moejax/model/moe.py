@@ -20,14 +20,13 @@ Evaluation (train=False) always dispatches without dropping.
 
 import math
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from moejax import dispatch, sharding
 from moejax.expert_parallel import expert_parallel_ffn
 from moejax.model import load_balance as lb
-from moejax.model.dense_ffn import SwiGLU
+from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.params import param, residual_depth
 from moejax.model.router import Router
 
@@ -55,10 +54,7 @@ class MoE(nnx.Module):
     self.w_down = param(rngs, (e.num_experts, e.expert_ffn_dim, m.d_model),
                         ("expert", "expert_mlp", "embed"),
                         std=m.init_std / math.sqrt(2 * residual_depth(cfg)), dtype=pd)
-    self.shared = nnx.data(SwiGLU(
-        m.d_model, e.num_shared_experts * e.expert_ffn_dim, init_std=m.init_std,
-        num_layers=residual_depth(cfg), rngs=rngs, compute_dtype=m.compute_dtype,
-        param_dtype=m.param_dtype) if e.num_shared_experts > 0 else None)
+    self.shared = optional_swiglu(cfg, e.num_shared_experts * e.expert_ffn_dim, rngs)
 
   def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
     del token_ids, loop_index, step  # part of the interface; unused by top-k routing

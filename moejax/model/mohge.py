@@ -42,7 +42,7 @@ from moejax.dispatch.sorted_blocks import expert_rows_sorted_groups
 from moejax.expert_parallel import SWIGLU_SPECS, exchange_ffn
 from moejax.model import load_balance as lb
 from moejax.model import mohge_balance
-from moejax.model.dense_ffn import SwiGLU
+from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.group_router import route_groups
 from moejax.model.params import param, residual_depth
 from moejax.mohge_placement import expert_order
@@ -105,10 +105,7 @@ class MoHGE(nnx.Module):
         ExpertGroup(self.per_group, m.d_model, w, init_std=m.init_std,
                     num_layers=residual_depth(cfg), param_dtype=pd, rngs=rngs)
         for w in self.widths])
-    self.shared = nnx.data(SwiGLU(
-        m.d_model, h.shared_ffn_dim, init_std=m.init_std, num_layers=residual_depth(cfg),
-        rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
-        if h.shared_ffn_dim > 0 else None)
+    self.shared = optional_swiglu(cfg, h.shared_ffn_dim, rngs)
     order = expert_order(self.num_groups, self.per_group, "decoupled")
     self._decoupled = tuple(g * self.per_group + j for g, j in order)  # static
 

@@ -32,7 +32,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.atomic_layer import AtomicLayer, atomic_tables, shared_swiglu
+from moejax.model.atomic_layer import AtomicLayer, atomic_tables
+from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.batch_norm import TokenBatchNorm
 from moejax.model.params import param
 from moejax.model.product_router import GRID_TOPK, grid_side
@@ -57,7 +58,7 @@ class OmniMoE(AtomicLayer):
     self.norm_y = TokenBatchNorm(self.side, momentum=a.bn_momentum, eps=a.bn_eps)
     self.expert_in, self.expert_out = atomic_tables(
         rngs, a.num_experts, m.d_model, a.expert_init_std, jnp.dtype(m.param_dtype))
-    self.shared = shared_swiglu(cfg, a.shared_ffn_dim, rngs)
+    self.shared = optional_swiglu(cfg, a.shared_ffn_dim, rngs)
 
   def route(self, tokens, *, train: bool):
     """tokens: [T, d] -> (gates [T, k] float32, expert ids [T, k] int32)."""

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from moejax.model.loop import layer_applications
 from moejax.sharding import LOGICAL_AXES_KEY
 
 
@@ -14,9 +15,7 @@ def residual_depth(cfg) -> int:
   (R - 1) per looped layer. Output projections are initialised with
   std / sqrt(2 * depth) (GPT-2), so a looped model starts with the residual
   stream scale of the unrolled model of the same effective depth."""
-  lp = cfg.loop
-  extra = (lp.iterations - 1) * lp.block_layers if lp.block_layers > 0 else 0
-  return cfg.model.num_layers + extra
+  return sum(layer_applications(cfg))
 
 
 def param(rngs: nnx.Rngs, shape: Sequence[int], logical_axes: Sequence[str | None],

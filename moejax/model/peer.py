@@ -24,7 +24,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model.batch_norm import TokenBatchNorm
-from moejax.model.atomic_layer import AtomicLayer, atomic_tables, shared_swiglu
+from moejax.model.atomic_layer import AtomicLayer, atomic_tables
+from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.params import param
 from moejax.model.product_router import GRID_TOPK, grid_side
 
@@ -51,7 +52,7 @@ class PEER(AtomicLayer):
     self.keys_y = param(rngs, (side, qdim // 2), (None, None), std=key_std, dtype=jnp.float32)
     self.expert_in, self.expert_out = atomic_tables(
         rngs, a.num_experts, m.d_model, a.expert_init_std, jnp.dtype(m.param_dtype))
-    self.shared = shared_swiglu(cfg, a.shared_ffn_dim, rngs)
+    self.shared = optional_swiglu(cfg, a.shared_ffn_dim, rngs)
 
   def route(self, tokens, *, train: bool):
     """tokens: [T, d] -> (gates [T, heads * k], expert ids [T, heads * k])."""

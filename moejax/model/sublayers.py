@@ -12,8 +12,7 @@ New sublayers (MoE variants) register a builder here; the trainer is untouched.
 
 from flax import nnx
 
-from moejax.model.dense_ffn import SwiGLU
-from moejax.model.params import residual_depth
+from moejax.model.dense_ffn import swiglu
 from moejax.registry import Registry
 
 # name -> builder(cfg, layer_index, rngs) -> nnx.Module
@@ -30,9 +29,7 @@ def build(cfg, layer_index: int, rngs: nnx.Rngs) -> nnx.Module:
 @register("dense")
 def _dense(cfg, layer_index, rngs):
   del layer_index
-  m = cfg.model
-  return SwiGLU(m.d_model, m.ffn_dim, init_std=m.init_std, num_layers=residual_depth(cfg),
-                rngs=rngs, compute_dtype=m.compute_dtype, param_dtype=m.param_dtype)
+  return swiglu(cfg, cfg.model.ffn_dim, rngs)
 
 
 @register("moe")
