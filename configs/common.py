@@ -63,7 +63,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.load_balance_coef = 0.01  # global-batch load-balance loss weight (0 = off)
   c.moe.z_loss_coef = 1e-3  # router z-loss weight (0 = off)
   c.moe.bias_update_rate = 0.0  # aux-loss-free balancing: bias += rate * sign(load error)
-  c.moe.backend = "sorted"  # dispatch: "sorted", "ragged_dot" or "capacity"
+  c.moe.backend = "sorted"  # dispatch: "sorted", "ragged_dot", "capacity", "pallas" or
+                            # "auto" (fastest measured on the platform: dispatch/auto.py)
   c.moe.block_size = 0  # rows per block of the sorted backend; 0 = chosen from the load
   c.moe.capacity_factor = 1.25  # "capacity" backend: slots per expert = cf * T * k / E
   c.moe.ep_capacity_factor = 0.0  # expert parallelism: rows sent to each expert shard,
@@ -100,7 +101,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.mohge.group_aux_start_fraction = 0.5  # ... switched on after this much training
   c.mohge.group_aux_width_interval = 0  # its D; 0 = W_max - W_min + (W_1 - W_0)
   c.mohge.intra_aux_coef = 5e-3  # intra-group experts loss (alpha_e)
-  c.mohge.backend = "sorted"  # a dropless dispatch backend: "sorted" or "ragged_dot"
+  c.mohge.backend = "sorted"  # a dropless backend: "sorted", "ragged_dot", "pallas", "auto"
   c.mohge.block_size = 0  # sorted backend rows per block; 0 = chosen from the load
 
   # --- looped block (LoopMoE); see moejax/model/loop.py ----------------------

@@ -17,7 +17,8 @@ foreign ones as zeros), i.e. EP times the per-device work of data parallelism,
 in exchange for holding 1/EP of the tables. Use it when the tables do not fit
 on one device; otherwise plain data/fsdp parallelism is cheaper. Compacting
 the local pairs (a dynamic trip count over them) is future work. Routing and
-its BatchNorm statistics stay outside, on global arrays.
+its BatchNorm statistics stay outside, on global arrays. The Pallas path runs
+with shard_map's varying-axes check off (see expert_parallel.exchange_ffn).
 """
 
 import jax
@@ -52,4 +53,4 @@ def atomic_expert_parallel(path: str, x, expert_idx, gates, up, down, *, mesh,
   return jax.shard_map(
       per_shard, mesh=mesh,
       in_specs=(batch, batch, batch, P("expert", None), P("expert", None)),
-      out_specs=batch)(x, expert_idx, gates, up, down)
+      out_specs=batch, check_vma=path != "pallas")(x, expert_idx, gates, up, down)

@@ -148,10 +148,10 @@ def _validate_atomic(cfg, axes: dict) -> None:
   _require(a.top_k <= a.num_experts,
            f"--config.atomic.top_k={a.top_k} exceeds --config.atomic.num_experts="
            f"{a.num_experts}; choose top_k <= num_experts.")
-  _require(a.router in ("product", "full"),
-           f"--config.atomic.router={a.router!r} is not 'product' or 'full'.")
-  _require(a.path in ("gather", "expert_sorted"),
-           f"--config.atomic.path={a.path!r} is not 'gather' or 'expert_sorted'.")
+  _require(a.router in ("product", "full", "pallas"),
+           f"--config.atomic.router={a.router!r} is not 'product' or 'full' or 'pallas'.")
+  _require(a.path in ("gather", "expert_sorted", "pallas"),
+           f"--config.atomic.path={a.path!r} is not 'gather' or 'expert_sorted' or 'pallas'.")
   _require(a.shared_ffn_dim >= 0,
            f"--config.atomic.shared_ffn_dim must be >= 0, got {a.shared_ffn_dim}.")
   _require(0.0 < a.bn_momentum <= 1.0,
@@ -268,8 +268,8 @@ def _validate_l3(cfg, axes: dict) -> None:
            f"model.d_model={cfg.model.d_model}, got {l3.emb_dim}.")
   _require(l3.allocation in _L3_ALLOCATIONS,
            f"--config.l3.allocation={l3.allocation!r} is not one of {_L3_ALLOCATIONS}.")
-  _require(l3.path in ("padded", "sorted"),
-           f"--config.l3.path={l3.path!r} is not 'padded' or 'sorted'.")
+  _require(l3.path in ("pallas", "padded", "sorted"),
+           f"--config.l3.path={l3.path!r} is not 'pallas', 'padded' or 'sorted'.")
   ep = axes["expert"]
   _require(not l3.host_eval or ep == 1,
            f"--config.l3.host_eval keeps whole tables on one host device, but the expert "

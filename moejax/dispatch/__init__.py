@@ -11,12 +11,16 @@ Backends (all equal to a per-token loop in tests, values and gradients):
   sorted      dropless; sort by expert, pad to blocks, block matmuls (default)
   ragged_dot  dropless; jax.lax.ragged_dot over unpadded groups
   capacity    GShard capacity factor; drops pairs past capacity and counts them
-A Pallas backend registers itself here under its own name (pallas_kernels/).
+  pallas      dropless; the Pallas kernels of pallas_kernels/ (pallas.py)
+  auto        the dropless backend measured fastest on this platform (auto.py);
+              layers resolve it to a concrete name when they are built
 """
 
 import jax.numpy as jnp
 
+from moejax.dispatch.auto import resolve_backend
 from moejax.dispatch.capacity import expert_rows_capacity
+from moejax.dispatch.pallas import expert_rows_pallas
 from moejax.dispatch.ragged import expert_rows_ragged
 from moejax.dispatch.sorted_blocks import expert_rows_sorted
 from moejax.registry import Registry
@@ -56,7 +60,22 @@ def _capacity(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, block_siz
                               capacity_factor=capacity_factor)
 
 
-DROPLESS.update({"sorted", "ragged_dot"})
+@register("pallas")
+def _pallas(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, block_size,
+            capacity_factor):
+  del block_size, capacity_factor
+  return expert_rows_pallas(x, expert_idx, combine_weights, w_gate, w_up, w_down), _no_drops()
+
+
+@register("auto")
+def _auto(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, block_size,
+          capacity_factor):
+  return BACKENDS.get(resolve_backend("auto"))(
+      x, expert_idx, combine_weights, w_gate, w_up, w_down, block_size=block_size,
+      capacity_factor=capacity_factor)
+
+
+DROPLESS.update({"sorted", "ragged_dot", "pallas", "auto"})
 
 
 def expert_ffn(backend: str, x, expert_idx, combine_weights, w_gate, w_up, w_down, *,

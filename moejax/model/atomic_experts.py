@@ -2,7 +2,7 @@
 
 N experts are two [N, d] tables, U (input vectors) and V (output vectors); a
 token assembles a rank-k MLP from its k rows on the fly (OmniMoE eq. 6, PEER).
-Two paths compute the same function, values and gradients:
+Three paths compute the same function, values and gradients:
 
   gather         token-centric: U[idx], V[idx] as [T, k, d], two einsums. The
                  reference, and the fastest on CPU at small k.
@@ -16,6 +16,8 @@ Two paths compute the same function, values and gradients:
                  directions (dispatch/gather.py), so no token-side scatter.
                  On an accelerator this is the order a fused kernel walks
                  (pallas_kernels/); in XLA it only changes memory access order.
+  pallas         that fused kernel (pallas_kernels/atomic_experts.py): Triton on
+                 GPU, interpret mode on CPU; on TPU it runs expert_sorted.
 
 An expert id >= N means "no expert" (it contributes zero); expert parallelism
 uses this for pairs whose expert lives on another shard.
@@ -65,7 +67,15 @@ def atomic_expert_sorted(x, expert_idx, gates, up, down, *, activation: str = "s
   return jnp.sum(per_pair.astype(jnp.float32), axis=1).astype(out_dtype or x.dtype)
 
 
-PATHS = {"gather": atomic_gather, "expert_sorted": atomic_expert_sorted}
+def atomic_pallas(x, expert_idx, gates, up, down, *, activation: str = "silu", out_dtype=None):
+  """Same contract, as one Pallas kernel per direction (imported on first use:
+  pallas_kernels imports this module for its TPU fallback)."""
+  # pylint: disable-next=import-outside-toplevel
+  from pallas_kernels.atomic_experts import atomic_pallas as kernel
+  return kernel(x, expert_idx, gates, up, down, activation=activation, out_dtype=out_dtype)
+
+
+PATHS = {"gather": atomic_gather, "expert_sorted": atomic_expert_sorted, "pallas": atomic_pallas}
 
 
 def atomic_ffn(path: str, x, expert_idx, gates, up, down, *, activation: str = "silu",

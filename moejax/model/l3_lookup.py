@@ -150,7 +150,21 @@ def _sorted(h, ids, keys, values, offsets, counts, max_rows, row_start, scale):
   return Partials(m, seg(e), seg(e * jnp.where(valid, z, 0.0)), seg(e[:, None] * v))
 
 
-_PATHS = {"padded": _padded, "sorted": _sorted}
+def _pallas(h, ids, keys, values, offsets, counts, max_rows, row_start, scale):
+  """The Pallas kernel (pallas_kernels/l3_lookup.py); the padded path on TPU,
+  where that kernel has no Mosaic body."""
+  # Imported here: the kernels import jax.experimental.pallas, which the other
+  # paths do not need.
+  from pallas_kernels import l3_lookup as kernel
+  from pallas_kernels import platform
+  if platform.default_variant() == "tpu":
+    return _padded(h, ids, keys, values, offsets, counts, max_rows, row_start, scale)
+  return Partials(*kernel.lookup_partials(h, ids, keys, values, offsets, counts,
+                                          max_rows=max_rows, row_start=row_start,
+                                          scale=scale))
+
+
+_PATHS = {"padded": _padded, "sorted": _sorted, "pallas": _pallas}
 
 
 def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, path: str,
@@ -173,6 +187,10 @@ def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, pat
       pairs also carry a copy of h, so it holds more memory than padded
       (about P * (2d + e) for the pairs plus P * (d + e) for the distinct rows,
       P = T * max_rows, against P * (d + e)).
+    "pallas": a Pallas kernel (pallas_kernels/l3_lookup.py) that loops over
+      each token's own rows with an online softmax (no [T, max_rows] buffer)
+      and scatter-adds the table gradients atomically; interpret mode off an
+      accelerator, and the padded path on TPU.
   """
   if path not in _PATHS:
     raise ValueError(f"Unknown L3 lookup path {path!r}; choose one of {sorted(_PATHS)}.")

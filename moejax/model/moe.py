@@ -39,7 +39,7 @@ class MoE(nnx.Module):
     self.layer_index = layer_index
     self.dtype = jnp.dtype(m.compute_dtype)
     self.num_experts, self.top_k = e.num_experts, e.top_k
-    self.backend, self.block_size = e.backend, e.block_size
+    self.backend, self.block_size = dispatch.resolve_backend(e.backend), e.block_size
     self.capacity_factor, self.ep_capacity_factor = e.capacity_factor, e.ep_capacity_factor
     self.lb_coef, self.z_coef = e.load_balance_coef, e.z_loss_coef
     self.bias_rate = e.bias_update_rate

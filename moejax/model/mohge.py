@@ -91,7 +91,7 @@ class MoHGE(nnx.Module):
     self.num_groups, self.per_group = len(self.widths), h.experts_per_group
     self.num_experts = self.num_groups * self.per_group
     self.top_groups, self.top_k, self.gate = h.top_groups, h.top_k, h.gate
-    self.backend, self.block_size = h.backend, h.block_size
+    self.backend, self.block_size = dispatch.resolve_backend(h.backend), h.block_size
     self.group_coef, self.intra_coef = h.group_aux_coef, h.intra_aux_coef
     # floor(fraction * steps), robust to 0.29 * 100 = 28.999...
     self.group_aux_from_step = math.floor(h.group_aux_start_fraction * cfg.train.steps + 1e-9)
@@ -154,7 +154,8 @@ class MoHGE(nnx.Module):
     return exchange_ffn(tokens, expert_idx, weights, flat, SWIGLU_SPECS * self.num_groups,
                         num_experts=self.num_experts, mesh=mesh,
                         shard_and_local=shard_and_local, num_local=self.num_groups * m,
-                        local_ffn=local_ffn, ep_capacity_factor=0.0)
+                        local_ffn=local_ffn, ep_capacity_factor=0.0,
+                        check_vma=self.backend != "pallas")
 
   def _aux(self, group_logits, routing, step, train):
     num_tokens = group_logits.shape[0]

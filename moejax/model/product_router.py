@@ -8,6 +8,7 @@ that are inside it. So
     product_topk: top_k(a, k') and top_k(b, k'), then top_k of the k'^2 sums
                   -> O(n + k^2) per token instead of O(N)   (product keys, PKM)
     full_grid_topk: top_k over all N sums (the reference; O(N) per token)
+    pallas:         product_topk as one kernel (pallas_kernels/product_topk.py)
 
 select the same experts (up to ties) with the same scores, and gradients reach
 a and b only through the selected cells (the VJP of lax.top_k). OmniMoE feeds
@@ -39,7 +40,14 @@ def full_grid_topk(a: jax.Array, b: jax.Array, k: int) -> tuple[jax.Array, jax.A
   return scores, idx.astype(jnp.int32)
 
 
-GRID_TOPK = {"product": product_topk, "full": full_grid_topk}
+def pallas_topk(a: jax.Array, b: jax.Array, k: int) -> tuple[jax.Array, jax.Array]:
+  """product_topk as one Pallas kernel (imported on first use)."""
+  # pylint: disable-next=import-outside-toplevel
+  from pallas_kernels.product_topk import product_topk_pallas
+  return product_topk_pallas(a, b, k)
+
+
+GRID_TOPK = {"product": product_topk, "full": full_grid_topk, "pallas": pallas_topk}
 
 
 def grid_side(num_experts: int) -> int:
