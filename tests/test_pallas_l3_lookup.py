@@ -30,7 +30,7 @@ from moejax.model.l3 import L3Layer
 from pallas_kernels import l3_lookup as kernel
 from pallas_kernels import platform
 from tests.helpers import tiny_config
-from tests.sharded_layer import loss_and_grads
+from tests.sharded_layer import assert_same_layer_results, loss_and_grads
 
 K, D, E = 5, 12, 6  # max_rows; d and e pad to 16 and 8 inside the kernel
 COUNTS = np.array([5, 1, 3, 5, 2, 1, 4, 5, 1, 2, 3, 1])  # first id: K rows; last: 1
@@ -257,20 +257,8 @@ def _layer_run(path, tie_kv, scale_scores, split_tables=False):
 
 
 def _assert_layer_equal(got, want):
-  loss, y, aux, _, gp, gx = got
-  ref_loss, ref_y, ref_aux, _, ref_gp, ref_gx = want
-  np.testing.assert_allclose(y, ref_y, rtol=2e-5, atol=2e-6)
-  np.testing.assert_allclose(loss, ref_loss, rtol=1e-5, atol=1e-5)
-  for key in ref_aux:
-    np.testing.assert_allclose(aux[key], ref_aux[key], rtol=1e-5, err_msg=key)
-  np.testing.assert_allclose(gx, ref_gx, rtol=2e-4, atol=2e-6)
-  flat_ref = dict(jax.tree_util.tree_leaves_with_path(ref_gp))
-  flat = jax.tree_util.tree_leaves_with_path(gp)
-  assert len(flat) == len(flat_ref)
-  for p, g in flat:
-    np.testing.assert_allclose(g, flat_ref[p], rtol=2e-4, atol=2e-6,
-                               err_msg=jax.tree_util.keystr(p))
-  assert np.abs(np.asarray(gp["keys"])).max() > 0
+  assert_same_layer_results(got, want)
+  assert np.abs(np.asarray(got[4]["keys"])).max() > 0
 
 
 @pytest.mark.parametrize("tie_kv, scale_scores", [
