@@ -107,12 +107,31 @@ def _timed(fn, args, repeats_store, key):
 
 
 def _fwd_bwd(fn):
+  """(out, dlhs, drhs) for a given cotangent: the forward is returned, so it is
+  computed (a bare jax.grad would let XLA drop it), and the cotangent is random
+  data read from memory, as in training (all-ones could be folded into a dot)."""
   import jax
-  import jax.numpy as jnp
 
-  def loss(lhs, rhs, sizes):
-    return jnp.sum(fn(lhs, rhs, sizes).astype(jnp.float32))
-  return jax.jit(jax.grad(loss, argnums=(0, 1)))
+  def step(lhs, rhs, sizes, dout):
+    out, vjp = jax.vjp(lambda a, b: fn(a, b, sizes), lhs, rhs)
+    return (out, *vjp(dout.astype(out.dtype)))
+  return jax.jit(step)
+
+
+def _mismatches(tag, results, reference):
+  """Our (out, dlhs, drhs) against ragged_dot's, relative to each one's largest entry."""
+  import jax.numpy as jnp
+  if reference is None:
+    return [f"{tag}: unchecked (ragged_dot, the reference, did not run)"]
+  found = []
+  for part, got, want in zip(("out", "dlhs", "drhs"), results, reference):
+    got, want = got.astype(jnp.float32), want.astype(jnp.float32)
+    err = float(jnp.max(jnp.abs(got - want)))
+    scale = float(jnp.max(jnp.abs(want))) or 1.0
+    if err > 2e-2 * scale:
+      found.append(f"{tag}: {part} max error {err:.3g} vs ragged_dot (scale {scale:.3g})")
+      print("WRONG", found[-1], flush=True)
+  return found
 
 
 def matmul_table(shapes, rows_list, variants):
@@ -134,37 +153,37 @@ def matmul_table(shapes, rows_list, variants):
         lhs = jax.random.normal(keys[0], (rows, k_dim), dt)
         rhs = jax.random.normal(keys[1], (experts, k_dim, n_dim), dt)
         sizes = _group_sizes(keys[2], experts, rows)
-        dense_rhs = rhs[0]
-        cases = {"dense": (jax.jit(lambda a, b, s: a @ b), _fwd_bwd(lambda a, b, s: a @ b),
-                           (lhs, dense_rhs, sizes))}
+        dout = jax.random.normal(keys[2], (rows, n_dim), dt)
+        dense = lambda a, b, s: a @ b
+        cases = {"dense": (jax.jit(dense), _fwd_bwd(dense), (lhs, rhs[0], sizes))}
         for fname, fn in fns.items():
           cases[fname] = (jax.jit(fn), _fwd_bwd(fn), (lhs, rhs, sizes))
         reference = None
         times, usable = {}, []
         for cname, (fwd, fwdbwd, args) in cases.items():
+          tag = f"{name}/{per_expert}/{proj}/{cname}"
           try:
-            out = jax.block_until_ready(fwd(*args))
-            jax.block_until_ready(fwdbwd(*args))
+            jax.block_until_ready(fwd(*args))
+            results = jax.block_until_ready(fwdbwd(*args, dout))
           except Exception as e:  # pylint: disable=broad-except
-            errors.append(f"{name}/{per_expert}/{proj}/{cname}: {type(e).__name__}: "
-                          f"{str(e).splitlines()[0][:200]}")
+            errors.append(f"{tag}: {type(e).__name__}: {str(e).splitlines()[0][:200]}")
             print("FAILED", errors[-1], flush=True)
             continue
           if cname == "ragged_dot":
-            reference = out
-          elif cname != "dense" and reference is not None:
-            err = float(jnp.max(jnp.abs(out.astype(jnp.float32) - reference.astype(jnp.float32))))
-            scale = float(jnp.max(jnp.abs(reference.astype(jnp.float32)))) or 1.0
-            if err > 2e-2 * scale:
-              errors.append(f"{name}/{per_expert}/{proj}/{cname}: max error {err:.3g} "
-                            f"vs ragged_dot (scale {scale:.3g})")
-              print("WRONG", errors[-1], flush=True)
+            reference = results
+          elif cname != "dense":
+            errors.extend(_mismatches(tag, results, reference))
           usable.append(cname)
         for _ in range(FLAGS.repeats):
-          for cname in usable:
+          for cname in list(usable):
             fwd, fwdbwd, args = cases[cname]
-            _timed(fwd, args, times, (cname, "fwd"))
-            _timed(fwdbwd, args, times, (cname, "fwdbwd"))
+            try:
+              _timed(fwd, args, times, (cname, "fwd"))
+              _timed(fwdbwd, (*args, dout), times, (cname, "fwdbwd"))
+            except Exception as e:  # pylint: disable=broad-except
+              errors.append(f"{name}/{per_expert}/{proj}/{cname} (timing): "
+                            f"{type(e).__name__}: {str(e).splitlines()[0][:200]}")
+              usable.remove(cname)
         flops = 2.0 * float(jnp.sum(sizes)) * k_dim * n_dim
         med = {key: float(np.median(v)) for key, v in times.items()}
         for cname in usable:
@@ -193,7 +212,7 @@ def layer_table(shapes, rows_list, backends):
   def build(kind, experts, d, f, top_k):
     cfg = base_config()
     cfg.model.d_model = d
-    cfg.model.compute_dtype = FLAGS.dtype
+    cfg.model.compute_dtype = cfg.model.param_dtype = FLAGS.dtype
     if kind == "dense":
       cfg.model.sublayer, cfg.model.ffn_dim = "dense", f * top_k
     else:
@@ -227,9 +246,13 @@ def layer_table(shapes, rows_list, backends):
                         f"{str(e).splitlines()[0][:200]}")
           print("FAILED", errors[-1], flush=True)
       for _ in range(FLAGS.repeats):
-        for kind, (step, args) in steps.items():
-          _timed(step, args, times, kind)
-      if "dense" not in times:
+        for kind, (step, args) in list(steps.items()):
+          try:
+            _timed(step, args, times, kind)
+          except Exception as e:  # pylint: disable=broad-except
+            errors.append(f"layer {name}/{per_expert}/{kind} (timing): {type(e).__name__}")
+            del steps[kind]
+      if "dense" not in steps:
         continue
       dense = float(np.median(times["dense"]))
       for kind in steps:

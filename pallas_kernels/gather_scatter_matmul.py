@@ -55,7 +55,7 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels.group_metadata import GroupMetadata, max_visits
 from pallas_kernels.platform import fit_tile, resolve
 
-DEFAULT_TILING = (64, 64, 64)  # (tm rows, tk contraction, tn output columns)
+DEFAULT_TILING = (128, 64, 128)  # (tm rows, tk contraction, tn output columns)
 
 
 # ----------------------------------------------------------------------------- helpers
@@ -70,8 +70,10 @@ def _tiles(tiling, rows: int, k: int, n: int) -> tuple[int, int, int]:
   return tm, fit_tile(k, tk), fit_tile(n, tn)
 
 
-def _compiler_params():
-  return pltriton.CompilerParams(num_warps=4, num_stages=3)
+def _compiler_params(tiling=None):
+  """8 warps for 128 x 128 output tiles and larger, 4 below."""
+  big = tiling is not None and tiling[0] * tiling[2] >= 128 * 128
+  return pltriton.CompilerParams(num_warps=8 if big else 4, num_stages=3)
 
 
 def _interpret(interpret):
@@ -208,7 +210,7 @@ def _gather_call(x, rhs, row_token, meta, *, row_scale, transpose_rhs, tiling, i
   out_shape = tuple(jax.ShapeDtypeStruct((rows, n_dim), dt) for dt in out_dtypes)
   return pl.pallas_call(
       kernel, grid=(meta.visit_group.shape[0], n_dim // tn), out_shape=out_shape,
-      interpret=_interpret(interpret), compiler_params=_compiler_params(),
+      interpret=_interpret(interpret), compiler_params=_compiler_params((tm, tk, tn)),
       name="gather_matmul")(*_meta_args(meta, rows), row_token.astype(jnp.int32), x, *rhs,
                             *scale)
 
@@ -312,7 +314,7 @@ def scatter_matmul(lhs, rhs, row_token, metadata: GroupMetadata, num_tokens: int
       kernel, grid=(metadata.visit_group.shape[0], n_dim // tn),
       out_shape=jax.ShapeDtypeStruct(zeros.shape, jnp.float32),
       input_output_aliases={len(args): 0}, interpret=_interpret(interpret),
-      compiler_params=_compiler_params(), name="scatter_matmul")(*args, zeros)
+      compiler_params=_compiler_params((tm, tk, tn)), name="scatter_matmul")(*args, zeros)
   return y[:num_tokens]
 
 
@@ -376,6 +378,6 @@ def gather_tgmm(lhs, rhs, row_token, metadata: GroupMetadata, *, gather: str = "
   return pl.pallas_call(
       kernel, grid=(num_groups, k_dim // tk, n_dim // tn),
       out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
-      interpret=_interpret(interpret), compiler_params=_compiler_params(),
+      interpret=_interpret(interpret), compiler_params=_compiler_params((tm, tk, tn)),
       name="gather_tgmm")(_bounds(metadata, rows), row_token.astype(jnp.int32), lhs, rhs,
                           *scale)

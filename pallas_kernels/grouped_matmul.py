@@ -42,7 +42,9 @@ from pallas_kernels.grouped_matmul_gpu import gmm_gpu, tgmm_gpu
 from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu
 from pallas_kernels.grouped_matmul_tpu import gmm_tpu, tgmm_tpu
 
-DEFAULT_TILING = {"gpu": (64, 64, 64), "tpu": (128, 512, 512)}
+# gpu: 128 x 128 output tiles (8 warps) keep H100 tensor cores fed; 64^3 caps near half of
+# peak (about 32 FLOP per byte from L2). Untuned: benchmarks/kernels.py --gpu_tiling.
+DEFAULT_TILING = {"gpu": (128, 64, 128), "tpu": (128, 512, 512)}
 GPU_MIN_TILE = 16       # Triton's smallest dot operand dimension
 TPU_LANES = 128         # Mosaic: a block's last two dims are multiples of (8, 128) or whole
 TPU_SUBLANES = 8

@@ -42,8 +42,10 @@ def _check_tiles(rows: int, k: int, n: int, tiling: tuple[int, int, int]) -> Non
     raise ValueError(f"Tiling {tiling} must be powers of two for the gpu variant.")
 
 
-def _compiler_params():
-  return pltriton.CompilerParams(num_warps=4, num_stages=3)
+def _compiler_params(tiling=None):
+  """8 warps for 128 x 128 output tiles and larger, 4 below."""
+  big = tiling is not None and tiling[0] * tiling[2] >= 128 * 128
+  return pltriton.CompilerParams(num_warps=8 if big else 4, num_stages=3)
 
 
 def gmm_gpu(lhs: jax.Array, rhs: jax.Array, meta: GroupMetadata, *,
@@ -92,7 +94,7 @@ def gmm_gpu(lhs: jax.Array, rhs: jax.Array, meta: GroupMetadata, *,
       kernel,
       out_shape=jax.ShapeDtypeStruct((rows, n_dim), out_dtype),
       grid=(num_slots, n_dim // tn),
-      compiler_params=_compiler_params(),
+      compiler_params=_compiler_params((tm, tk, tn)),
       interpret=interpret,
   )(meta.offsets, meta.visit_group, meta.visit_tile, jnp.reshape(meta.num_visits, (1,)),
     lhs, rhs)
@@ -135,6 +137,6 @@ def tgmm_gpu(lhs: jax.Array, dout: jax.Array, meta: GroupMetadata, *, num_groups
       kernel,
       out_shape=jax.ShapeDtypeStruct((num_groups, k_dim, n_dim), out_dtype),
       grid=(num_groups, k_dim // tk, n_dim // tn),
-      compiler_params=_compiler_params(),
+      compiler_params=_compiler_params((tm, tk, tn)),
       interpret=interpret,
   )(meta.offsets, lhs, dout)

@@ -146,11 +146,12 @@ def _fused_bwd(config, res, dy):
   a, u = a.astype(f32), u.astype(f32)
   d_a = (d_h * u * _silu_grad(a)).astype(x.dtype)
   d_u = (d_h * jax.nn.silu(a)).astype(x.dtype)
-  d_down = gs.gather_tgmm(h, dy, row_token, meta, gather="rhs", row_scale=row_weight, **run)
+  d_down = gs.gather_tgmm(h, dy, row_token, meta, gather="rhs", row_scale=row_weight,
+                          out_dtype=w_down.dtype, **run)
   dx = gs.scatter_matmul([d_a, d_u], [w_gate, w_up], row_token, meta, config.num_tokens,
                          transpose_rhs=True, **run)
-  d_gate = gs.gather_tgmm(x, d_a, row_token, meta, gather="lhs", **run)
-  d_up = gs.gather_tgmm(x, d_u, row_token, meta, gather="lhs", **run)
+  d_gate = gs.gather_tgmm(x, d_a, row_token, meta, gather="lhs", out_dtype=w_gate.dtype, **run)
+  d_up = gs.gather_tgmm(x, d_u, row_token, meta, gather="lhs", out_dtype=w_up.dtype, **run)
   return (dx.astype(x.dtype), d_row_weight.astype(row_weight.dtype),
           d_gate.astype(w_gate.dtype), d_up.astype(w_up.dtype), d_down.astype(w_down.dtype),
           None, None)
@@ -216,7 +217,8 @@ def moe_ffn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, fused: bool
   tm the row tile of the sorted rows, tk and tn preferred column tiles."""
   variant, interpret = platform.resolve(variant, interpret)
   if fused is None:
-    fused = variant == "gpu"
+    fused = variant == "gpu" and (interpret or (w_gate.shape[1] % 16 == 0
+                                                and w_gate.shape[2] % 16 == 0))
   if fused and variant == "tpu":
     raise ValueError("The fused gather/scatter kernels have no TPU variant (per-row gathers "
                      "need per-row DMAs); pass fused=False for variant 'tpu'.")
@@ -229,6 +231,9 @@ def moe_ffn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, fused: bool
     raise ValueError(f"Shapes do not chain: x {x.shape}, expert_idx {expert_idx.shape}, w_gate "
                      f"{w_gate.shape}, w_up {w_up.shape}, w_down {w_down.shape}; need w_gate, "
                      "w_up [E, d, f] and w_down [E, f, d].")
+  if fused and not interpret and (d % 16 or f % 16):
+    raise ValueError(f"The fused GPU kernels need d and f to be multiples of 16 (Triton blocks), "
+                     f"got d={d}, f={f}; pass fused=False (the unfused path pads).")
   if fused:
     return _moe_ffn_fused(x, expert_idx, combine_weights, w_gate, w_up, w_down, tiling,
                           interpret)

@@ -34,8 +34,7 @@ def resolve(variant: str | None, interpret: bool | None) -> tuple[str, bool]:
   if variant not in VARIANTS:
     raise ValueError(f"Unknown kernel variant {variant!r}; choose one of {VARIANTS}.")
   if interpret is None:
-    interpret = default_platform() not in ("gpu", "tpu") or (
-        default_platform() == "gpu" and variant == "tpu")
+    interpret = default_platform() != variant  # compiled only on its own platform
   return variant, interpret
 
 

@@ -27,8 +27,10 @@ from tests.sharded_layer import loss_and_grads
 
 def test_auto_resolves_per_platform_and_names_its_evidence():
   assert dispatch.resolve_backend("auto", "cpu") == "sorted"
-  assert dispatch.resolve_backend("auto", "gpu") == "pallas"
-  assert dispatch.resolve_backend("auto", "tpu") == "pallas"
+  # Only measured winners: platforms without a committed measurement get `sorted`.
+  for platform, c in auto.FASTEST.items():
+    if c.evidence.startswith("unmeasured"):
+      assert c.backend == "sorted", platform
   assert dispatch.resolve_backend("auto", "some_new_chip") == auto.FALLBACK.backend
   assert dispatch.resolve_backend("ragged_dot", "gpu") == "ragged_dot"
   for platform, c in auto.FASTEST.items():

@@ -94,3 +94,13 @@ def test_mosaic_gpu_grouped_matmul_forward_and_input_gradient_lower():
                   _spec((256, 256)), _spec((4, 128, 256)))
   for text in (fwd, dlhs):
     assert "mosaic_gpu" in text
+
+
+@pytest.mark.parametrize("device,compiled", [("cpu", ()), ("gpu", ("gpu",)), ("tpu", ("tpu",))])
+def test_a_variant_compiles_only_on_its_own_platform(monkeypatch, device, compiled):
+  """Elsewhere it runs in interpret mode (a Triton body on a TPU, say)."""
+  from pallas_kernels import platform
+  monkeypatch.setattr(platform, "default_platform", lambda: device)
+  for variant in platform.VARIANTS:
+    assert platform.resolve(variant, None) == (variant, variant not in compiled)
+  assert platform.resolve(None, None)[0] == ("tpu" if device == "tpu" else "gpu")

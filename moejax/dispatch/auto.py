@@ -3,21 +3,18 @@
 `auto` is resolved once, when a layer is built, to a concrete backend name, so
 a run's logs and checkpoints name the path that actually ran. The table below
 is the evidence, one entry per platform: the backend, and the committed result
-it comes from. A platform nobody has measured yet says so, and names the prior
-it falls back on rather than pretending to a measurement:
+it comes from. `auto` only ever picks a measured winner; a platform nobody has
+measured yet gets the portable `sorted` path, and its entry says so:
 
-  cpu  `sorted`: benchmarks/results/dispatch_cpu.md (sorted vs ragged_dot vs
-       pallas, one run). Pallas kernels on CPU run in interpret mode (an
-       emulation for tests), so they are never a CPU candidate.
-  gpu  `pallas`: not measured here yet (no GPU was lent while this was written;
-       benchmarks/kernels.py is ready to run). Prior: XLA's ragged_dot lowers to
-       padded per-group matrices on GPU (~15% MFU on H100 against ~78% for a
-       Pallas kernel, systems.md 2.3), and `sorted` is a loop of small matmuls.
-  tpu  `pallas` (the Mosaic grouped matmul): not measured here yet. Prior:
-       megablox-style kernels are what MaxText's dropless path runs.
-
-Change an entry only with a results file from benchmarks/kernels.py or
-benchmarks/dispatch.py on that platform.
+  cpu  `sorted`: benchmarks/results/dispatch_cpu.md (sorted vs ragged_dot, one
+       run: ragged_dot 5.7x slower at 8 experts, 52x at 64). Pallas kernels on
+       CPU run in interpret mode (an emulation for tests), never a candidate.
+  gpu  `sorted`, unmeasured: no GPU was lent while the kernels were written.
+       The expectation (XLA's ragged_dot lowers to padded per-group matrices,
+       ~15% MFU on H100, systems.md 2.3) favours `pallas`, but the Triton
+       compile and its speed are unchecked; run benchmarks/kernels.py there
+       and set the winner here with its results file.
+  tpu  `sorted`, unmeasured, likewise (candidates: `pallas`, `ragged_dot`).
 """
 
 from typing import NamedTuple
@@ -32,9 +29,8 @@ class Choice(NamedTuple):
 
 FASTEST: dict[str, Choice] = {
     "cpu": Choice("sorted", "measured: benchmarks/results/dispatch_cpu.md"),
-    "gpu": Choice("pallas", "unmeasured here; prior from systems.md 2.3 (XLA ragged_dot ~15% "
-                  "MFU on H100)"),
-    "tpu": Choice("pallas", "unmeasured here; prior: megablox-style grouped matmul"),
+    "gpu": Choice("sorted", "unmeasured: no GPU run of benchmarks/kernels.py yet"),
+    "tpu": Choice("sorted", "unmeasured: no TPU run of benchmarks/kernels.py yet"),
 }
 FALLBACK = Choice("sorted", "no entry for this platform; the portable pure-JAX path")
 
