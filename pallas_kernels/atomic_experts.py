@@ -59,10 +59,6 @@ ACTIVATIONS = ("silu", "gelu")
 _GELU_C = math.sqrt(2.0 / math.pi)
 
 
-def _pow2(value: int) -> int:
-  return 1 << max(0, (value - 1).bit_length())
-
-
 def _act_and_grad(activation: str, s):
   """(act(s), act'(s)) for float32 s; "gelu" is jax.nn.gelu's tanh form."""
   if activation == "silu":
@@ -205,7 +201,7 @@ def _call(kernel, args, out_shapes, aliases, interpret: bool, block_pairs: int):
 
 
 def _forward(x, expert_idx, gates, up, down, activation, out_dtype, interpret, block_pairs):
-  width = _pow2(x.shape[1])
+  width = platform.next_power_of_two(x.shape[1])
   pairs = _sort_pairs(expert_idx, gates, up.shape[0], block_pairs)
   xp, upp, downp = _padded(x, width), _padded(up, width), _padded(down, width)
   y0 = jnp.zeros((x.shape[0], width), jnp.float32)
@@ -282,4 +278,4 @@ def atomic_pallas(x, expert_idx, gates, up, down, *, activation: str = "silu", o
     return atomic_expert_sorted(x, expert_idx, gates, up, down, activation=activation,
                                 out_dtype=out_dtype)
   return _atomic(x, expert_idx.astype(jnp.int32), gates, up, down, activation, out_dtype,
-                 interpret, _pow2(block_pairs))
+                 interpret, platform.next_power_of_two(block_pairs))

@@ -53,9 +53,10 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.group_metadata import GroupMetadata, max_visits
+from pallas_kernels.grouped_matmul import DEFAULT_TILING as GROUPED_MATMUL_TILING
 from pallas_kernels.platform import fit_tile, resolve
 
-DEFAULT_TILING = (128, 64, 128)  # (tm rows, tk contraction, tn output columns)
+DEFAULT_TILING = GROUPED_MATMUL_TILING["gpu"]  # (tm rows, tk contraction, tn output columns)
 
 
 # ----------------------------------------------------------------------------- helpers

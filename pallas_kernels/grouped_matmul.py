@@ -42,8 +42,8 @@ from pallas_kernels.grouped_matmul_gpu import gmm_gpu, tgmm_gpu
 from pallas_kernels.grouped_matmul_mgpu import grouped_matmul_mgpu
 from pallas_kernels.grouped_matmul_tpu import gmm_tpu, tgmm_tpu
 
-# gpu: 128 x 128 output tiles (8 warps) keep H100 tensor cores fed; 64^3 caps near half of
-# peak (about 32 FLOP per byte from L2). Untuned: benchmarks/kernels.py --gpu_tiling.
+# gpu: 128 x 128 output tiles (8 warps). An estimate, not a measurement: 64^3 tiles move
+# about 32 FLOP per byte from L2, which would cap an H100 near half of peak. Untuned.
 DEFAULT_TILING = {"gpu": (128, 64, 128), "tpu": (128, 512, 512)}
 GPU_MIN_TILE = 16       # Triton's smallest dot operand dimension
 TPU_LANES = 128         # Mosaic: a block's last two dims are multiples of (8, 128) or whole
@@ -70,18 +70,10 @@ class GroupedMatmulPlan:
     return self.forward.offsets.shape[0] - 1
 
 
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
-def _is_power_of_two(value: int) -> bool:
-  return value > 0 and not value & (value - 1)
-
-
 def default_row_tile(variant: str, num_rows: int) -> int:
   """The variant's preferred tm, shrunk (to a power of two >= 16) for few rows."""
   preferred = DEFAULT_TILING[variant][0]
-  return min(preferred, max(GPU_MIN_TILE, 1 << max(num_rows - 1, 1).bit_length()))
+  return min(preferred, max(GPU_MIN_TILE, platform.next_power_of_two(num_rows)))
 
 
 def make_plan(group_sizes: jax.Array, num_rows: int, *, tiling=None,
@@ -94,7 +86,7 @@ def make_plan(group_sizes: jax.Array, num_rows: int, *, tiling=None,
   row_tile = tiling[0] if tiling is not None else default_row_tile(variant, num_rows)
   if row_tile <= 0:
     raise ValueError(f"Row tile tm={row_tile} must be positive.")
-  padded_rows = _round_up(num_rows, row_tile)
+  padded_rows = platform.round_up(num_rows, row_tile)
   sizes = jnp.asarray(group_sizes, jnp.int32)
   if sizes.ndim != 1:
     raise ValueError(f"group_sizes must be 1-D [G], got shape {sizes.shape}.")
@@ -108,7 +100,7 @@ def make_plan(group_sizes: jax.Array, num_rows: int, *, tiling=None,
 def _fit_dim(variant: str, dim: int, preferred: int, interpret: bool) -> tuple[int, int]:
   """(tile, padded dim) along K or N for a variant."""
   if variant == "gpu":
-    padded = dim if dim % GPU_MIN_TILE == 0 else _round_up(dim, GPU_MIN_TILE)
+    padded = dim if dim % GPU_MIN_TILE == 0 else platform.round_up(dim, GPU_MIN_TILE)
     floor = 1 if interpret else GPU_MIN_TILE
     return platform.fit_tile(padded, max(preferred, floor)), padded
   tile = platform.fit_tile(dim, preferred)
@@ -118,7 +110,7 @@ def _fit_dim(variant: str, dim: int, preferred: int, interpret: bool) -> tuple[i
 
 
 def _check_row_tile(variant: str, row_tile: int, interpret: bool) -> None:
-  if variant == "gpu" and not _is_power_of_two(row_tile):
+  if variant == "gpu" and not platform.is_power_of_two(row_tile):
     raise ValueError(f"Row tile tm={row_tile} must be a power of two for the gpu variant.")
   if variant == "gpu" and not interpret and row_tile < GPU_MIN_TILE:
     raise ValueError(f"Row tile tm={row_tile} must be at least {GPU_MIN_TILE} on a GPU.")
@@ -218,7 +210,7 @@ def grouped_matmul(lhs: jax.Array, rhs: jax.Array, group_sizes: jax.Array, *,
   if tiling is not None and tiling[0] != row_tile:
     raise ValueError(f"tiling tm={tiling[0]} differs from the plan's row tile {row_tile}; "
                      "build the plan with the same tiling.")
-  if metadata.num_rows != _round_up(num_rows, row_tile):
+  if metadata.num_rows != platform.round_up(num_rows, row_tile):
     raise ValueError(f"The plan covers {metadata.num_rows} rows, not {num_rows} padded to "
                      f"tm={row_tile}; build the plan for this lhs.")
   _check_row_tile(variant, row_tile, interpret)

@@ -31,13 +31,11 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels.group_metadata import GroupMetadata
+from pallas_kernels.platform import check_tiles
 
 
 def _check_tiles(rows: int, k: int, n: int, tiling: tuple[int, int, int]) -> None:
-  tm, tk, tn = tiling
-  if rows % tm or k % tk or n % tn:
-    raise ValueError(f"Tiling {tiling} must divide (rows, K, N) = {(rows, k, n)}; "
-                     "pad the rows to a multiple of tm and pick tk | K, tn | N.")
+  check_tiles(rows, k, n, tiling)
   if any(t & (t - 1) for t in tiling):
     raise ValueError(f"Tiling {tiling} must be powers of two for the gpu variant.")
 

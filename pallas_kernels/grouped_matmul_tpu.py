@@ -39,13 +39,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from pallas_kernels.group_metadata import GroupMetadata
-
-
-def _check_tiles(rows: int, k: int, n: int, tiling: tuple[int, int, int]) -> None:
-  tm, tk, tn = tiling
-  if rows % tm or k % tk or n % tn:
-    raise ValueError(f"Tiling {tiling} must divide (rows, K, N) = {(rows, k, n)}; "
-                     "pad the rows to a multiple of tm and pick tk | K, tn | N.")
+from pallas_kernels.platform import check_tiles
 
 
 def _scalar_args(meta: GroupMetadata) -> tuple[jax.Array, ...]:
@@ -72,7 +66,7 @@ def gmm_tpu(lhs: jax.Array, rhs: jax.Array, meta: GroupMetadata, *,
   num_groups = rhs.shape[0]
   n_dim = rhs.shape[1] if transpose_rhs else rhs.shape[2]
   rows, k_dim = lhs.shape
-  _check_tiles(rows, k_dim, n_dim, tiling)
+  check_tiles(rows, k_dim, n_dim, tiling)
   num_k_tiles = k_dim // tk
   num_slots = meta.visit_group.shape[0]
   out_dtype = out_dtype or lhs.dtype
@@ -147,7 +141,7 @@ def tgmm_tpu(lhs: jax.Array, dout: jax.Array, meta: GroupMetadata, *, num_groups
   tm, tk, tn = tiling
   rows, k_dim = lhs.shape
   n_dim = dout.shape[1]
-  _check_tiles(rows, k_dim, n_dim, tiling)
+  check_tiles(rows, k_dim, n_dim, tiling)
   if meta.offsets.shape[0] != num_groups + 1:
     raise ValueError(f"Metadata is for {meta.offsets.shape[0] - 1} groups, not {num_groups}; "
                      "build it from the same group_sizes.")

@@ -76,10 +76,6 @@ class _Static(NamedTuple):
   interpret: bool
 
 
-def _pow2_at_least(n: int) -> int:
-  return 1 << max(0, int(n) - 1).bit_length()
-
-
 def _check_pow2(name: str, value: int):
   if value < 1 or value & (value - 1):
     raise ValueError(f"{name}={value} must be a positive power of two (a Triton block "
@@ -107,7 +103,7 @@ def _num_chunks(n, chunk):
 
 def _load_rows(ref, rows, valid, width):
   """ref[rows, :width] as float32 [chunk, width_pow2]; zero off the rows and past width."""
-  cols = jnp.arange(_pow2_at_least(width), dtype=jnp.int32)
+  cols = jnp.arange(platform.next_power_of_two(width), dtype=jnp.int32)
   mask = valid[:, None] & (cols < width)[None, :]
   # Masked-off lanes are undefined after the load (no `other`, whose dtype would
   # have to match the table's); the select makes them exact zeros.
@@ -249,7 +245,7 @@ def _forward(h, keys, values, lo, n, st: _Static):
   t, d = h.shape
   e = keys.shape[1] if st.tied else values.shape[1]
   tp = pl.cdiv(t, st.token_tile) * st.token_tile
-  dp, ep = _pow2_at_least(d), _pow2_at_least(e)
+  dp, ep = platform.next_power_of_two(d), platform.next_power_of_two(e)
   tables = (keys,) if st.tied else (keys, values)
   like = (h, lo, *tables)
   vec = _out_struct((tp,), jnp.float32, like)
@@ -266,7 +262,7 @@ def _backward(h, keys, values, lo, n, m, ds, du, dnumer, st: _Static):
   t, d = h.shape
   e = keys.shape[1] if st.tied else values.shape[1]
   tp = pl.cdiv(t, st.token_tile) * st.token_tile
-  dp, ep = _pow2_at_least(d), _pow2_at_least(e)
+  dp, ep = platform.next_power_of_two(d), platform.next_power_of_two(e)
   tables = (keys,) if st.tied else (keys, values)
   # Zero-initialised float32 gradient buffers, updated in place (atomic adds).
   like = (h, lo, m, ds, du, dnumer, *tables)
@@ -328,14 +324,15 @@ def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, row
                      "l3.path='padded' with tables split over mesh.expert > 1.")
   tied = values is keys
   if row_chunk is None:
-    width = _pow2_at_least(max(keys.shape[1], values.shape[1]))
+    width = platform.next_power_of_two(max(keys.shape[1], values.shape[1]))
     row_chunk = max(1, min(16, _BLOCK_FLOATS // width))
   _check_pow2("token_tile", token_tile)
   _check_pow2("row_chunk", row_chunk)
   if keys.ndim != 2 or (not tied and values.shape[0] != keys.shape[0]):
     raise ValueError(f"keys {keys.shape} and values {values.shape} must be [L, d] and "
                      "[L, e] tables with the same rows; pass row blocks of equal length.")
-  st = _Static(float(scale), tied, token_tile, min(row_chunk, _pow2_at_least(max_rows)),
+  chunk = min(row_chunk, platform.next_power_of_two(max_rows))
+  st = _Static(float(scale), tied, token_tile, chunk,
                bool(interpret))
   lo, n = token_rows(jnp.asarray(ids, jnp.int32), jnp.asarray(offsets, jnp.int32),
                      jnp.asarray(counts, jnp.int32), max_rows=max_rows,

@@ -47,42 +47,11 @@ import jax
 import jax.numpy as jnp
 
 from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import group_sizes as count_groups
+from moejax.dispatch.layout import sort_by_expert
 from pallas_kernels import gather_scatter_matmul as gs
 from pallas_kernels import platform
 from pallas_kernels.group_metadata import GroupMetadata, make_group_metadata
-from pallas_kernels.grouped_matmul import grouped_matmul, make_plan
-
-FUSED_MIN_ROW_TILE = 16  # Triton's smallest dot operand dimension
-
-
-class Routing(NamedTuple):
-  """Pairs sorted by expert: row r holds pair row_pair[r] (P = none)."""
-  row_pair: jax.Array   # [num_rows] int32
-  pair_row: jax.Array   # [P] int32: row of each pair; num_rows when it has no expert
-  sizes: jax.Array      # [E] int32: pairs per expert
-
-
-def _round_up(value: int, multiple: int) -> int:
-  return -(-value // multiple) * multiple
-
-
-def sort_by_expert(expert_idx: jax.Array, num_experts: int, num_rows: int) -> Routing:
-  """Stable sort of the T*k pairs by expert into rows [0, num_rows) (num_rows >= T*k).
-
-  Pairs with no expert (any id outside [0, E)) sort last and get no row; rows
-  past the routed pairs hold pair P (none)."""
-  flat = expert_idx.reshape(-1).astype(jnp.int32)
-  num_pairs = flat.shape[0]
-  flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  routed = flat[order] < num_experts
-  row_pair = jnp.full(num_rows, num_pairs, jnp.int32).at[:num_pairs].set(
-      jnp.where(routed, order, num_pairs))
-  pair_row = jnp.zeros(num_pairs, jnp.int32).at[order].set(
-      jnp.where(routed, jnp.arange(num_pairs, dtype=jnp.int32), num_rows))
-  return Routing(row_pair, pair_row, count_groups(flat, num_experts))
-
+from pallas_kernels.grouped_matmul import default_row_tile, grouped_matmul, make_plan
 
 def merge_repeated_experts(expert_idx: jax.Array, combine_weights: jax.Array,
                            num_experts: int) -> tuple[jax.Array, jax.Array]:
@@ -160,19 +129,14 @@ def _fused_bwd(config, res, dy):
 _fused_ffn.defvjp(_fused_fwd, _fused_bwd)
 
 
-def _fused_row_tile(num_pairs: int) -> int:
-  preferred = gs.DEFAULT_TILING[0]
-  return min(preferred, max(FUSED_MIN_ROW_TILE, 1 << max(num_pairs - 1, 1).bit_length()))
-
-
 def _moe_ffn_fused(x, expert_idx, combine_weights, w_gate, w_up, w_down, tiling, interpret):
   num_tokens, k = expert_idx.shape
   num_experts = w_gate.shape[0]
   expert_idx, combine_weights = merge_repeated_experts(expert_idx, combine_weights,
                                                        num_experts)
   tiling = tuple(tiling) if tiling is not None else (
-      _fused_row_tile(num_tokens * k), *gs.DEFAULT_TILING[1:])
-  num_rows = _round_up(num_tokens * k, tiling[0])
+      default_row_tile("gpu", num_tokens * k), *gs.DEFAULT_TILING[1:])
+  num_rows = platform.round_up(num_tokens * k, tiling[0])
   routing = sort_by_expert(expert_idx, num_experts, num_rows)
   meta: GroupMetadata = make_group_metadata(routing.sizes, num_rows, tiling[0])
   row_token = routing.row_pair // k                       # pair P -> token T (none)

@@ -38,6 +38,27 @@ def resolve(variant: str | None, interpret: bool | None) -> tuple[str, bool]:
   return variant, interpret
 
 
+def round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
+
+
+def next_power_of_two(value: int) -> int:
+  """The smallest power of two >= value (1 for value <= 1): Triton block widths."""
+  return 1 << max(0, int(value) - 1).bit_length()
+
+
+def is_power_of_two(value: int) -> bool:
+  return value > 0 and not value & (value - 1)
+
+
+def check_tiles(rows: int, k: int, n: int, tiling: tuple[int, int, int]) -> None:
+  """A grouped-matmul body takes rows % tm == 0, tk | K and tn | N (callers pad)."""
+  tm, tk, tn = tiling
+  if rows % tm or k % tk or n % tn:
+    raise ValueError(f"Tiling {tiling} must divide (rows, K, N) = {(rows, k, n)}; "
+                     "pad the rows to a multiple of tm and pick tk | K, tn | N.")
+
+
 def fit_tile(dim: int, preferred: int) -> int:
   """The largest power of two <= preferred that divides dim, or dim itself.
 

@@ -43,10 +43,6 @@ from jax.experimental.pallas import triton as pltriton
 from pallas_kernels import platform
 
 
-def _pow2(value: int) -> int:
-  return 1 << max(0, (value - 1).bit_length())
-
-
 def _top_rounds(values, available, rounds: int, width: int):
   """`rounds` rounds of (max, first lane holding it, take it) over [tt, L] values.
 
@@ -82,13 +78,13 @@ def _product_topk_kernel(a_ref, b_ref, scores_ref, ids_ref, *, n: int, k: int):
   a = a_ref[...].astype(jnp.float32)
   b = b_ref[...].astype(jnp.float32)
   tt, n_pad = a.shape
-  kk_pad = _pow2(kk)
+  kk_pad = platform.next_power_of_two(kk)
   real = jax.lax.broadcasted_iota(jnp.int32, (tt, n_pad), 1) < n
   sa, ia = _top_rounds(a, real, kk, kk_pad)
   sb, ib = _top_rounds(b, real, kk, kk_pad)
   # Candidate lane p * kk + q holds sa_p + sb_q and the expert id ia_p * n + ib_q
   # (ranks from compares, not integer division, which Mosaic may not vectorise).
-  cand_pad = _pow2(kk * kk)
+  cand_pad = platform.next_power_of_two(kk * kk)
   lane = jax.lax.broadcasted_iota(jnp.int32, (tt, cand_pad), 1)
   row_rank = jnp.zeros_like(lane)
   for p in range(1, kk):
@@ -116,8 +112,8 @@ def _product_topk_kernel(a_ref, b_ref, scores_ref, ids_ref, *, n: int, k: int):
 
 def _forward(a, b, k: int, variant: str, interpret: bool, block_tokens: int):
   num_tokens, n = a.shape
-  n_pad, k_pad = _pow2(n), _pow2(k)
-  tt = min(block_tokens, _pow2(num_tokens))
+  n_pad, k_pad = platform.next_power_of_two(n), platform.next_power_of_two(k)
+  tt = min(block_tokens, platform.next_power_of_two(num_tokens))
   t_pad = pl.cdiv(num_tokens, tt) * tt
   pad = ((0, t_pad - num_tokens), (0, n_pad - n))
   a_p = jnp.pad(a, pad)
@@ -183,4 +179,4 @@ def product_topk_pallas(a: jax.Array, b: jax.Array, k: int, *, variant: str | No
     raise ValueError(f"k={k} must lie in [1, n * n = {n * n}]; choose a smaller top_k.")
   variant, interpret = platform.resolve(variant, interpret)
   block_tokens = block_tokens or (64 if variant == "tpu" else 16)
-  return _product_topk(a, b, k, variant, interpret, _pow2(block_tokens))
+  return _product_topk(a, b, k, variant, interpret, platform.next_power_of_two(block_tokens))

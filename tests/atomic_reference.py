@@ -354,3 +354,29 @@ def peer_ref(x, p, *, top_k, heads, query_bn, eps=1e-5, running=None, select=Non
     y = y + swiglu_ref(x, p["w_gate"], p["w_up"], p["w_down"])
   info.update(ids=ids, gates=gates, routed=routed)
   return y, info
+
+
+def ragged_ids(case: str, rng):
+  """(num_tokens, num_experts, idx [T, k]) for a named ragged routing case
+  (shared by the XLA paths' and the Pallas kernel's tests)."""
+  if case == "random":          # T k = 39 pairs over 8 experts: repeats across tokens
+    return 13, 8, rng.integers(0, 8, size=(13, 3))
+  if case == "one_expert":      # every token, every slot: expert 5 (one long run)
+    return 9, 8, np.full((9, 2), 5)
+  if case == "same_set":        # every token picks the same three experts
+    return 11, 16, np.tile(np.array([[1, 14, 6]]), (11, 1))
+  if case == "sparse":          # 16 experts, only 3 used; no expert 0 or 15
+    return 7, 16, rng.choice([2, 9, 11], size=(7, 2))
+  if case == "no_expert":       # ids N, N + 3, 2 N and 10^6 mean "no expert"
+    idx = rng.integers(0, 8, size=(10, 4))
+    mask = rng.random(size=idx.shape) < 0.35
+    idx[mask] = rng.choice([8, 11, 16, 10 ** 6], size=int(mask.sum()))
+    idx[0] = 8                  # a token with no expert at all
+    return 10, 8, idx
+  if case == "all_none":
+    return 5, 4, np.full((5, 2), 4)
+  if case == "k1":
+    return 7, 9, rng.integers(0, 9, size=(7, 1))
+  if case == "dup_in_token":    # the same expert twice in a token (allowed)
+    return 6, 4, np.array([[1, 1, 3], [0, 2, 0], [3, 3, 3], [2, 1, 0], [1, 2, 1], [0, 0, 0]])
+  raise ValueError(case)

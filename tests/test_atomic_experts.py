@@ -107,30 +107,7 @@ def test_product_topk_with_ties_selects_equally_good_cells():
 # 2. Atomic expert paths
 # --------------------------------------------------------------------------- #
 
-def _ids_case(case, rng):
-  """(num_tokens, num_experts, idx) for a named ragged case."""
-  if case == "random":          # duplicates across tokens (T k = 39 > N = 8)
-    return 13, 8, rng.integers(0, 8, size=(13, 3))
-  if case == "same_expert":     # every token, every slot: expert 5
-    return 9, 8, np.full((9, 2), 5)
-  if case == "same_set":        # every token picks the same three experts
-    return 11, 16, np.tile(np.array([[1, 14, 6]]), (11, 1))
-  if case == "no_expert":       # ids >= N mean "no expert" (N, N + 3, 2 N)
-    idx = rng.integers(0, 8, size=(10, 4))
-    mask = rng.random(size=idx.shape) < 0.35
-    idx[mask] = rng.choice([8, 11, 16], size=int(mask.sum()))
-    idx[0] = 8  # one token with no expert at all
-    return 10, 8, idx
-  if case == "all_none":
-    return 5, 4, np.full((5, 2), 4)
-  if case == "k1":
-    return 7, 9, rng.integers(0, 9, size=(7, 1))
-  if case == "dup_in_token":    # repeats inside a token (the function allows it)
-    return 6, 4, np.array([[1, 1, 3], [0, 2, 0], [3, 3, 3], [2, 1, 0], [1, 2, 1], [0, 0, 0]])
-  raise ValueError(case)
-
-
-ID_CASES = ["random", "same_expert", "same_set", "no_expert", "all_none", "k1", "dup_in_token"]
+ID_CASES = ["random", "one_expert", "same_set", "no_expert", "all_none", "k1", "dup_in_token"]
 
 
 # Every ragged case with SiLU (OmniMoE); GELU (PEER) on the ones that differ most.
@@ -142,7 +119,7 @@ ACT_CASES = [(c, "silu") for c in ID_CASES] + [
 @pytest.mark.parametrize("path", sorted(PATHS))
 def test_atomic_paths_equal_loop_values_and_grads(path, case, activation):
   rng = np.random.default_rng(zlib.crc32(f"{case}/{activation}".encode()))
-  num_tokens, num_experts, idx = _ids_case(case, rng)
+  num_tokens, num_experts, idx = ref.ragged_ids(case, rng)
   d = 12
   k = idx.shape[1]
   x = rng.normal(size=(num_tokens, d)).astype(np.float32)

@@ -32,32 +32,9 @@ from tests.sharded_layer import loss_and_grads
 BLOCK = 4  # sorted pairs per program: small, so runs cross tiles
 
 
-def _case(name, rng):
-  """(num_tokens, num_experts, idx [T, k]) for a named ragged case."""
-  if name == "random":          # T k = 39 pairs over 8 experts: runs of several pairs
-    return 13, 8, rng.integers(0, 8, size=(13, 3))
-  if name == "one_expert":      # every pair on expert 5: one run over 5 tiles
-    return 9, 8, np.full((9, 2), 5)
-  if name == "sparse":          # 16 experts, only 3 used; no expert 0 or 15
-    return 7, 16, rng.choice([2, 9, 11], size=(7, 2))
-  if name == "no_expert":       # ids N, N + 3, 2 N and 10^6 mean "no expert"
-    idx = rng.integers(0, 8, size=(10, 4))
-    mask = rng.random(size=idx.shape) < 0.35
-    idx[mask] = rng.choice([8, 11, 16, 10 ** 6], size=int(mask.sum()))
-    idx[0] = 8                  # a token with no expert at all
-    return 10, 8, idx
-  if name == "all_none":
-    return 5, 4, np.full((5, 2), 4)
-  if name == "k1":
-    return 7, 9, rng.integers(0, 9, size=(7, 1))
-  if name == "dup_in_token":    # the same expert twice in a token: one token, one run
-    return 6, 4, np.array([[1, 1, 3], [0, 2, 0], [3, 3, 3], [2, 1, 0], [1, 2, 1], [0, 0, 0]])
-  raise ValueError(name)
-
-
 def _inputs(name, d, seed_text):
   rng = np.random.default_rng(zlib.crc32(seed_text.encode()))
-  num_tokens, num_experts, idx = _case(name, rng)
+  num_tokens, num_experts, idx = ref.ragged_ids(name, rng)
   k = idx.shape[1]
   return dict(
       idx=idx,

@@ -20,6 +20,31 @@ import jax
 import jax.numpy as jnp
 
 
+class SortedPairs(NamedTuple):
+  """Pairs sorted by expert, unpadded: row r holds pair row_pair[r] (P = none)."""
+  row_pair: jax.Array   # [num_rows] int32
+  pair_row: jax.Array   # [P] int32: row of each pair; num_rows when it has no expert
+  sizes: jax.Array      # [E] int32: pairs per expert
+
+
+def sort_by_expert(expert_idx: jax.Array, num_experts: int, num_rows: int) -> SortedPairs:
+  """Stable sort of the T*k pairs by expert into rows [0, num_rows) (num_rows >= T*k),
+  each expert's rows contiguous and unpadded (the ragged_dot / grouped-matmul layout).
+
+  Pairs with no expert (any id outside [0, E)) sort last and get no row; rows
+  past the routed pairs hold pair P (none)."""
+  flat = expert_idx.reshape(-1).astype(jnp.int32)
+  num_pairs = flat.shape[0]
+  flat = jnp.where((flat >= 0) & (flat < num_experts), flat, num_experts)
+  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
+  routed = flat[order] < num_experts
+  row_pair = jnp.full(num_rows, num_pairs, jnp.int32).at[:num_pairs].set(
+      jnp.where(routed, order, num_pairs))
+  pair_row = jnp.zeros(num_pairs, jnp.int32).at[order].set(
+      jnp.where(routed, jnp.arange(num_pairs, dtype=jnp.int32), num_rows))
+  return SortedPairs(row_pair, pair_row, group_sizes(flat, num_experts))
+
+
 class BlockLayout(NamedTuple):
   pair_row: jax.Array      # [T*k] padded row of each pair; num_rows if it has no expert
   row_pair: jax.Array      # [num_rows] pair index held by each row; T*k for padding

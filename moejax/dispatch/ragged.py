@@ -12,20 +12,13 @@ import jax
 import jax.numpy as jnp
 
 from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import group_sizes
+from moejax.dispatch.layout import sort_by_expert
 
 
 def expert_rows_ragged(x, expert_idx, combine_weights, w_gate, w_up, w_down):
   num_tokens, k = expert_idx.shape
-  num_experts = w_gate.shape[0]
-  num_pairs = num_tokens * k
-  flat = expert_idx.reshape(-1).astype(jnp.int32)
-  order = jnp.argsort(flat, stable=True).astype(jnp.int32)
-  has_expert = flat[order] < num_experts
-  row_pair = jnp.where(has_expert, order, num_pairs)  # rows without an expert read 0
-  pair_row = jnp.zeros(num_pairs, jnp.int32).at[order].set(
-      jnp.where(has_expert, jnp.arange(num_pairs, dtype=jnp.int32), num_pairs))
-  sizes = group_sizes(flat, num_experts)
+  # Rows past the routed pairs (pairs without an expert) read 0.
+  row_pair, pair_row, sizes = sort_by_expert(expert_idx, w_gate.shape[0], num_tokens * k)
   dt = x.dtype
   rows = dispatch_rows(x, row_pair, pair_row, k)
   gate = jax.lax.ragged_dot(rows, w_gate.astype(dt), sizes)
