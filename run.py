@@ -3,6 +3,9 @@
   python run.py                                         # tiny dense LM, embedded corpus, CPU
   python run.py --config=configs/dense.py:tiny --config.train.steps=200 --workdir=runs/x
   python run.py --config=configs/dense.py:small --dry_run   # budget only, no training
+  python run.py --list                                  # the experiments (experiments/)
+  python run.py --experiment=omnimoe --scale=tiny       # a whole sweep, row by row
+  python run.py --experiment=omnimoe --sweep_index=3    # one row (job arrays, TPU slices)
 
 A workdir that holds a checkpoint is resumed. A config that cannot work stops
 before anything is built, with one sentence saying what to change (exit 2).
@@ -31,6 +34,14 @@ except (AttributeError, KeyError) as _e:
   sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
 flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")
+flags.DEFINE_string("experiment", None, "Run this experiment's sweep (see --list) instead "
+                    "of one --config; runs go to <workdir>/<experiment>/<scale>/<row>.")
+flags.DEFINE_enum("scale", "tiny", ["tiny", "small", "paper"],
+                  "Experiment size: tiny (CPU), small (one GPU), paper (--dry_run budgets).")
+flags.DEFINE_integer("sweep_index", None, "Run only this row of the experiment's sweep.")
+flags.DEFINE_multi_string("set", [], "With --experiment: group.field=value applied to every "
+                          "row, e.g. --set=data.data_dir=/mnt/gcs/data --set=mesh.data=-1.")
+flags.DEFINE_bool("list", False, "List the experiments and their rows, then exit.")
 flags.DEFINE_enum("jax_distributed", "auto", ["auto", "on", "off"],
                   "Initialize jax.distributed: auto detects multi-process launches.")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0 (multi-process).")
@@ -76,9 +87,29 @@ def main(argv):
   cfg = FLAGS.config
   workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
   try:
+    if (FLAGS.workdir or "").startswith("gs://"):
+      raise ConfigError(f"--workdir={FLAGS.workdir} is a bucket URL, but run outputs are "
+                        f"written as local files; mount the bucket with gcsfuse (e.g. at "
+                        f"/mnt/gcs) and pass --workdir=/mnt/gcs/... instead.")
+    if FLAGS.list:
+      from experiments import listing
+      print(listing.describe(FLAGS.scale))
+      return
     distributed.initialize(FLAGS.jax_distributed,
                            coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if FLAGS.experiment:
+      from experiments.sweep import parse_settings, run_sweep
+      records = run_sweep(FLAGS.experiment, FLAGS.scale, FLAGS.workdir or "runs/experiments",
+                          sweep_index=FLAGS.sweep_index, dry_run=FLAGS.dry_run,
+                          settings=parse_settings(FLAGS.set))
+      if any(r.get("status") == "failed" for r in records):
+        sys.exit(1)
+      return
+    if FLAGS.sweep_index is not None or FLAGS.set:
+      raise ConfigError("--sweep_index and --set apply to an experiment's rows; add "
+                        "--experiment=NAME (python run.py --list names them), or use "
+                        "--config.group.field=value for a single run.")
     if FLAGS.dry_run:
       from moejax import dry_run
       dry_run.report(cfg)
