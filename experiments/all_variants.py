@@ -18,11 +18,18 @@ SPECS = {"dense": "configs/dense.py:{size}", "switch": "configs/moe.py:switch_{s
          "mixtral": "configs/moe.py:mixtral_{size}", "deepseek": "configs/moe.py:deepseek_{size}",
          "omnimoe": "configs/omnimoe.py:{size}", "peer": "configs/omnimoe.py:peer_{size}",
          "mohge": "configs/mohge.py:matched_{size}", "l3": "configs/l3.py:lzw_{size}"}
+# MoHGE at small: configs/mohge.py:small is the paper's 3B proportions (far more
+# active width than dense small's 1,536), so this table narrows it: shared 368 +
+# top-6 of widths with mean 192 (1,520, leaving room for the router).
+MOHGE_SMALL = {"mohge.group_widths": (80, 112, 144, 176, 208, 240, 272, 304),
+               "mohge.shared_ffn_dim": 368}
 
 
 def arms(scale: str) -> dict:
   out = {a: dict(config=spec.format(size=scale)) for a, spec in SPECS.items()}
   out["deepseek"]["moe.expert_ffn_dim"] = omnimoe.DEEPSEEK_WIDTH[scale]
+  if scale == "small":
+    out["mohge"] = dict(config="configs/mohge.py:small", **MOHGE_SMALL)
   return out
 
 

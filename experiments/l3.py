@@ -20,7 +20,7 @@ from experiments.registry import Claim, Experiment, Match
 SPECS = {"dense": "configs/l3.py:dense_{size}", "lzw": "configs/l3.py:lzw_{size}",
          "uniform": "configs/l3.py:uniform_{size}", "moe": "configs/moe.py:mixtral_{size}"}
 # Experts of the equal-total-params MoE (8 x width of dense / 2 is mixtral's).
-MOE_EXPERTS = {"tiny": 9, "small": 12}
+MOE_EXPERTS = {"tiny": 9, "small": 9}
 
 
 def arms(scale: str) -> dict:

@@ -25,12 +25,18 @@ from moejax import mohge_placement
 SPECS = {"dense": "configs/dense.py:{size}", "baseline": "configs/mohge.py:baseline_{size}",
          "mohge": "configs/mohge.py:{size}", "mohge_no_group_loss": "configs/mohge.py:{size}"}
 SHARDS = 4  # expert-parallel degree of the placement comparison
+# Dense width with the baseline's active FFN (top-k + shared experts): at tiny the
+# dense preset already matches it; the small baseline keeps the paper's 6 + 2
+# experts of width 512, so its dense arm is widened to 8 x 512.
+DENSE_WIDTH = {"small": 4096}
 
 
 def arms(scale: str) -> dict:
   size = "small" if scale == "paper" else scale
   out = {a: dict(config=spec.format(size=size)) for a, spec in SPECS.items()}
   out["mohge_no_group_loss"]["mohge.group_aux_coef"] = 0.0
+  if size in DENSE_WIDTH:
+    out["dense"]["model.ffn_dim"] = DENSE_WIDTH[size]
   if scale == "paper":
     for a in out:
       out[a].update(paper_sizes.MOHGE[a])

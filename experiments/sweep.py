@@ -8,7 +8,7 @@ Layout: <root>/<experiment>/<scale>/<arm>_s<seed>/ is an ordinary run workdir
 (config.json, metrics.jsonl, final.json, checkpoints/) plus row.json, which says
 what the row is and how it ended: "completed", "failed" (with the error; the
 traceback is in error.txt), or "preempted". A row whose final.json says
-completed is skipped; a row whose config (but its name) equals a completed row
+completed is skipped; a row whose config (all but its name) equals a completed row
 of any experiment under the same root reuses that run (row.json names it in
 "reused_from"), so a baseline shared by tables trains once; an interrupted
 row resumes from its last checkpoint

@@ -17,12 +17,17 @@ ROOT=${1:-runs/experiments}
 PARALLEL=${2:-2}
 PY=${PYTHON:-python3}
 queue() {
+  # Every table's main arms first, both seeds; then the controls and the extra
+  # MoE flavours of all_variants (on a shared 2-core machine these can be cut).
   for i in 0 1 2 3 4 5 6 7; do echo "omnimoe $i"; done
-  for i in 2 3 4 5 6 7; do echo "mohge $i"; done
   for i in 2 3 4 5 6 7; do echo "l3 $i"; done
-  for i in 0 1 2 3 4 5 6 7; do echo "loopmoe $i"; done
+  for i in 2 3 4 5; do echo "mohge $i"; done
+  for i in 0 1 2 3 4 5; do echo "loopmoe $i"; done
   for i in 0 1; do echo "mohge $i"; echo "l3 $i"; done
-  for i in $(seq 0 15); do echo "all_variants $i"; done
+  for i in 0 1 6 7 8 9 10 11 14 15 12 13; do echo "all_variants $i"; done
+  for i in 6 7; do echo "mohge $i"; done
+  for i in 6 7; do echo "loopmoe $i"; done
+  for i in 2 3 4 5; do echo "all_variants $i"; done
 }
 mkdir -p "$ROOT"
 queue | xargs -P "$PARALLEL" -L 1 sh -c \
