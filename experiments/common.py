@@ -6,6 +6,21 @@ import os
 SEEDS = {"tiny": (0, 1), "small": (0, 1), "paper": (0,)}
 
 
+def preset_arms(specs: dict, scale: str, paper: dict, extra: dict | None = None) -> dict:
+  """arm -> {"config": its preset at this scale, **overrides}.
+
+  specs map arm -> "configs/x.py:name_{size}"; the paper scale starts from the
+  small presets. `extra` (arm -> overrides) applies at every scale, then the
+  paper scale's own overrides (experiments/paper_sizes.py) on top."""
+  size = "small" if scale == "paper" else scale
+  out = {a: dict(config=spec.format(size=size), **(extra or {}).get(a, {}))
+         for a, spec in specs.items()}
+  if scale == "paper":
+    for a in out:
+      out[a].update(paper[a])
+  return out
+
+
 def rows(scale: str, arms: dict) -> list[dict]:
   """One row per (arm, seed): arms maps name -> dict with "config" and overrides."""
   return [dict(arm=name, seed=seed, **spec) for name, spec in arms.items()

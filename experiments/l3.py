@@ -25,12 +25,8 @@ MOE_EXPERTS = {"tiny": 9, "small": 9}
 
 def arms(scale: str) -> dict:
   size = "small" if scale == "paper" else scale
-  out = {a: dict(config=spec.format(size=size)) for a, spec in SPECS.items()}
-  out["moe"]["moe.num_experts"] = MOE_EXPERTS[size]
-  if scale == "paper":
-    for a in out:
-      out[a].update(paper_sizes.L3[a])
-  return out
+  return common.preset_arms(SPECS, scale, paper_sizes.L3,
+                            extra={"moe": {"moe.num_experts": MOE_EXPERTS[size]}})
 
 
 def sweep(scale: str) -> list[dict]:

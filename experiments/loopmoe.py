@@ -24,15 +24,10 @@ SPECS = {"vanilla": "configs/loopmoe.py:vanilla_{size}",
 
 
 def arms(scale: str) -> dict:
-  size = "small" if scale == "paper" else scale
-  out = {a: dict(config=spec.format(size=size)) for a, spec in SPECS.items()}
-  out["loopmoe_nogate"]["loop.adaln_gate"] = False
-  for a in out:  # the experiment asserts the match itself, for every arm
-    out[a]["budget_match.reference"] = ""
-  if scale == "paper":
-    for a in out:
-      out[a].update(paper_sizes.LOOPMOE[a])
-  return out
+  # The experiment asserts the budget match itself, for every arm.
+  extra = {a: {"budget_match.reference": ""} for a in SPECS}
+  extra["loopmoe_nogate"]["loop.adaln_gate"] = False
+  return common.preset_arms(SPECS, scale, paper_sizes.LOOPMOE, extra=extra)
 
 
 def sweep(scale: str) -> list[dict]:

@@ -33,14 +33,10 @@ DENSE_WIDTH = {"small": 4096}
 
 def arms(scale: str) -> dict:
   size = "small" if scale == "paper" else scale
-  out = {a: dict(config=spec.format(size=size)) for a, spec in SPECS.items()}
-  out["mohge_no_group_loss"]["mohge.group_aux_coef"] = 0.0
+  extra = {"mohge_no_group_loss": {"mohge.group_aux_coef": 0.0}}
   if size in DENSE_WIDTH:
-    out["dense"]["model.ffn_dim"] = DENSE_WIDTH[size]
-  if scale == "paper":
-    for a in out:
-      out[a].update(paper_sizes.MOHGE[a])
-  return out
+    extra["dense"] = {"model.ffn_dim": DENSE_WIDTH[size]}
+  return common.preset_arms(SPECS, scale, paper_sizes.MOHGE, extra=extra)
 
 
 def sweep(scale: str) -> list[dict]:

@@ -18,21 +18,14 @@ is slower than OmniMoE at 4,096 tokens.
 from experiments import common, measure, paper_sizes
 from experiments.registry import Claim, Experiment, Match
 
-ARMS = ("dense", "deepseek", "peer", "omnimoe")
 SPECS = {"dense": "configs/dense.py:{size}", "deepseek": "configs/moe.py:deepseek_{size}",
          "peer": "configs/omnimoe.py:peer_{size}", "omnimoe": "configs/omnimoe.py:{size}"}
 DEEPSEEK_WIDTH = {"tiny": 46, "small": 188}
 
 
 def arms(scale: str) -> dict:
-  size = "small" if scale == "paper" else scale
-  out = {a: dict(config=SPECS[a].format(size=size)) for a in ARMS}
-  if scale == "paper":
-    for a in ARMS:
-      out[a].update(paper_sizes.OMNIMOE[a])
-  else:
-    out["deepseek"]["moe.expert_ffn_dim"] = DEEPSEEK_WIDTH[scale]
-  return out
+  extra = {} if scale == "paper" else {"deepseek": {"moe.expert_ffn_dim": DEEPSEEK_WIDTH[scale]}}
+  return common.preset_arms(SPECS, scale, paper_sizes.OMNIMOE, extra=extra)
 
 
 def sweep(scale: str) -> list[dict]:
