@@ -469,7 +469,7 @@ def _save(plt, fig, path: str) -> None:
 
 def eval_curve(records: list) -> tuple[dict, tuple | None]:
   """step -> validation loss of the periodic evaluations, and (step, loss) of the final one
-  when it ran on a different number of tokens (train.final_eval_batches: the full split),
+  when it ran on a different number of tokens (train.final_eval_batches, not eval_batches),
   so that the two are not joined into one curve."""
   evals = [r for r in records if "eval/loss" in r and "step" in r]
   final = None
@@ -511,7 +511,8 @@ def plot_val_loss(runs: list[Run], arms, path: str) -> bool:
   ax.set_xlabel("step")
   ax.set_ylabel("loss (nats/token)")
   ax.set_title("Validation loss (seed mean; thin: seeds; dotted: training loss"
-               + ("; star: final evaluation on the full split" if any_final else "") + ")",
+               + ("; star: final evaluation, on more batches than the curve" if any_final else "")
+               + ")",
                fontsize=9)
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
