@@ -25,7 +25,9 @@ Verdict rule for a Claim `arm.metric <relation> than_arm.metric` (or than_value)
       asks the difference to stand clear of the seed noise itself.
   less:    d < -t reproduced, d > t contradicted, otherwise inconclusive
   greater: d > t reproduced, d < -t contradicted, otherwise inconclusive
-  close:   |d| <= tolerance + t reproduced, otherwise contradicted
+  close:   |d| + t <= tolerance reproduced (the noise band lies inside the
+           tolerance), |d| - t > tolerance contradicted, otherwise inconclusive:
+           noise alone must not pass for a match
   no involved arm with 2 seeds: "inconclusive (one seed)"; an arm with no
   completed run: "not run"; completed runs that lack the metric: "no data".
 The noise floor reported per claimed metric is the same pooled std over all arms.
@@ -54,7 +56,8 @@ RULE = ("d = mean(arm) - mean(than) (or minus the claimed value); s = pooled see
         "of the metric, sqrt(mean of sample variances) over the arms involved with >= 2 "
         "completed seeds (a claim against a value: the arm's own std); t = 2 s. "
         "less: d < -t reproduced, d > t contradicted, else inconclusive; greater: the mirror; "
-        "close: |d| <= tolerance + t reproduced, else contradicted. No involved arm with 2 "
+        "close: |d| + t <= tolerance reproduced, |d| - t > tolerance contradicted, else "
+        "inconclusive. No involved arm with 2 "
         "seeds: inconclusive (one seed); an arm without a completed run: not run; completed "
         "runs without the metric: no data.")
 
@@ -253,7 +256,8 @@ def verdict(claim: registry.Claim, stats: dict) -> dict:
   t = 2.0 * s
   out.update(std=s, t=t)
   if claim.relation == "close":
-    result = REPRODUCED if abs(d) <= claim.tolerance + t else CONTRADICTED
+    result = (REPRODUCED if abs(d) + t <= claim.tolerance
+              else CONTRADICTED if abs(d) - t > claim.tolerance else INCONCLUSIVE)
   else:
     sign = -1.0 if claim.relation == "less" else 1.0  # the claimed direction
     result = (REPRODUCED if sign * d > t else CONTRADICTED if sign * d < -t else INCONCLUSIVE)
