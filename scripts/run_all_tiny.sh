@@ -4,6 +4,9 @@
 #
 #   bash scripts/run_all_tiny.sh [RUNS_ROOT] [PARALLEL]
 #
+# The results under results/ came from this script with its last queue lines
+# (loopmoe 6-7 and all_variants 2-5: the loopmoe_nogate, switch and mixtral arms)
+# cut for time, and the timing rows run beside two training rows and the tests.
 # Training rows run PARALLEL at a time (default 2: on a 2-core machine two
 # single-row processes finish a sweep sooner than one). Rows are queued so that
 # a baseline shared by several tables (dense, deepseek, omnimoe, peer, L3) has
