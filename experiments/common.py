@@ -1,7 +1,4 @@
-"""Helpers the experiment files share: seeds x arms, and reading a run's metrics."""
-
-import json
-import os
+"""Helpers the experiment files share: arms from presets, seeds x arms, last logged values."""
 
 SEEDS = {"tiny": (0, 1), "small": (0, 1), "paper": (0,)}
 
@@ -27,20 +24,7 @@ def rows(scale: str, arms: dict) -> list[dict]:
           for seed in SEEDS[scale]]
 
 
-def metric_rows(workdir: str) -> list[dict]:
-  """The records of a run's metrics.jsonl, in order (empty if it has none)."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  with open(path) as f:
-    return [json.loads(line) for line in f if line.strip()]
-
-
-def series(records: list[dict], key: str) -> list[tuple[int, object]]:
-  """(step, value) for every record that logged `key`."""
-  return [(r["step"], r[key]) for r in records if key in r]
-
-
 def last(records: list[dict], key: str, default=None):
-  values = series(records, key)
-  return values[-1][1] if values else default
+  """The last value of `key` in a run's metrics.jsonl records (moejax.metrics.read_metrics)."""
+  values = [r[key] for r in records if key in r]
+  return values[-1] if values else default

@@ -27,12 +27,11 @@ def measure_backend(row: dict, cfg, workdir: str, scale: str) -> dict:
   from experiments import measure  # pylint: disable=import-outside-toplevel
   shape = SHAPES[scale]
   moe = cfg.copy_and_resolve_references()
-  moe.model.d_model = dense_d = shape["d"]
+  moe.model.d_model = shape["d"]
   moe.moe.num_experts, moe.moe.top_k = shape["experts"], shape["top_k"]
   moe.moe.expert_ffn_dim, moe.moe.backend = shape["width"], row["arm"]
   dense = moe.copy_and_resolve_references()
   dense.model.sublayer, dense.model.ffn_dim = "dense", shape["width"] * shape["top_k"]
-  del dense_d
   times = measure.interleaved_ms({"moe": moe, "dense": dense}, tokens=shape["tokens"],
                                  seed=row["seed"], backward=True)
   return {"time/layer_ms": times["moe"], "time/dense_ms": times["dense"],

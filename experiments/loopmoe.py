@@ -34,9 +34,9 @@ def sweep(scale: str) -> list[dict]:
   return common.rows(scale, arms(scale))
 
 
-def derived(workdir: str) -> dict:
+def derived(records: list, config: dict) -> dict:
   """The cosine diagnostic at the end of training: last minus first iteration."""
-  records = common.metric_rows(workdir)
+  del config
   first = common.last(records, "aux/loop/cos_first")
   last = common.last(records, "aux/loop/cos_last")
   if first is None or last is None:

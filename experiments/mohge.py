@@ -49,13 +49,8 @@ def _small_share(share, widths) -> float:
   return float(np.sum(np.asarray(share)[order]))
 
 
-def derived(workdir: str) -> dict:
+def derived(records: list, cfg: dict) -> dict:
   """Traffic to the narrow groups before/after the group loss starts; shard balance."""
-  import json  # pylint: disable=import-outside-toplevel
-  import os  # pylint: disable=import-outside-toplevel
-  records = common.metric_rows(workdir)
-  with open(os.path.join(workdir, "config.json")) as f:
-    cfg = json.load(f)
   if cfg["model"]["sublayer"] != "mohge" or not records:
     return {}
   h, steps = cfg["mohge"], cfg["train"]["steps"]
@@ -72,20 +67,16 @@ def derived(workdir: str) -> dict:
     before, after = mean_share(start - window, start), mean_share(steps - window, steps)
     out.update({"traffic/small_groups_before": before, "traffic/small_groups_after": after,
                 "traffic/small_groups_shift": after - before})
-  last = next((r for r in reversed(records) if any(k.startswith("aux/expert_load/") for k in r)),
-              None)
-  if last is not None:
-    loads = sorted(k for k in last if k.startswith("aux/expert_load/"))
-    per = {"decoupled": [], "sorted": []}
-    for k in loads:
-      tokens = mohge_placement.from_decoupled(last[k], len(widths))
-      for r in mohge_placement.placement_report(tokens, widths, ep_degrees=(SHARDS,)):
-        per[r["placement"]].append(r["max_over_mean"])
-    if per["sorted"]:
-      permuted, size_sorted = float(np.mean(per["decoupled"])), float(np.mean(per["sorted"]))
-      out.update({f"placement/permuted_max_over_mean_ep{SHARDS}": permuted,
-                  f"placement/sorted_max_over_mean_ep{SHARDS}": size_sorted,
-                  "placement/sorted_minus_permuted": size_sorted - permuted})
+  per = {"decoupled": [], "sorted": []}
+  for _, load in mohge_placement.last_expert_loads(records):
+    tokens = mohge_placement.from_decoupled(load, len(widths))
+    for r in mohge_placement.placement_report(tokens, widths, ep_degrees=(SHARDS,)):
+      per[r["placement"]].append(r["max_over_mean"])
+  if per["sorted"]:
+    permuted, size_sorted = float(np.mean(per["decoupled"])), float(np.mean(per["sorted"]))
+    out.update({f"placement/permuted_max_over_mean_ep{SHARDS}": permuted,
+                f"placement/sorted_max_over_mean_ep{SHARDS}": size_sorted,
+                "placement/sorted_minus_permuted": size_sorted - permuted})
   return out
 
 

@@ -15,7 +15,8 @@ One file per table in experiments/ defines one `Experiment` named EXPERIMENT:
   columns   the metrics a table shows, as keys of a row's summary (final.json
             flattened with "/", e.g. "eval/loss", "budget/active_params").
   claims    what the paper says and the direction a small run can check.
-  derived(workdir) -> dict   optional extra summary scalars computed from a run
+  derived(records, config) -> dict   optional extra summary scalars computed from
+            a run's metrics.jsonl records and config.json
             (e.g. MoHGE's small-group traffic before and after the group loss).
 
 `run.py --experiment=NAME` runs a sweep (experiments/sweep.py);
@@ -89,7 +90,7 @@ class Experiment:
   matches: tuple[Match, ...] = ()
   targets: tuple[Target, ...] = ()
   scales: tuple[str, ...] = ("tiny", "small", "paper")
-  derived: Callable[[str], dict] | None = None
+  derived: Callable[[list, dict], dict] | None = None
   measure: Callable | None = None
   notes: str = ""  # what the table does not show, read by the aggregator
 

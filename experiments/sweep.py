@@ -19,6 +19,7 @@ Before any row trains, every row's config is built and validated and the
 experiment's budget matches are asserted (a bad sweep stops with one sentence).
 """
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -88,15 +89,19 @@ def row_config(experiment: registry.Experiment, row: dict, scale: str, settings=
   return cfg
 
 
-def arm_budgets(experiment: registry.Experiment, scale: str, settings=None) -> dict:
-  """arm -> moejax.budget.model_budget of its first row (seeds share a budget)."""
+def budgets_of(configs: list) -> dict:
+  """arm -> moejax.budget.model_budget of its first trained row (seeds share a budget)."""
   budgets = {}
-  for row in experiment.rows(scale):
-    if row["arm"] in budgets or row.get("task") == "measure":
-      continue
-    cfg = row_config(experiment, row, scale, settings)
-    budgets[row["arm"]] = budget_lib.model_budget(cfg, data_lib.vocab_size(cfg.data))
+  for row, cfg in configs:
+    if row["arm"] not in budgets and row.get("task") != "measure":
+      budgets[row["arm"]] = budget_lib.model_budget(cfg, data_lib.vocab_size(cfg.data))
   return budgets
+
+
+def arm_budgets(experiment: registry.Experiment, scale: str, settings=None) -> dict:
+  """The arms' budgets at `scale` (built configs, not validated)."""
+  return budgets_of([(row, row_config(experiment, row, scale, settings))
+                     for row in experiment.rows(scale)])
 
 
 def check_matches(experiment: registry.Experiment, scale: str, budgets: dict) -> list[str]:
@@ -135,19 +140,26 @@ def check_targets(experiment: registry.Experiment, scale: str, budgets: dict) ->
   return lines
 
 
+@dataclasses.dataclass
+class Plan:
+  configs: list  # (row, cfg) for every row of the sweep, validated
+  budgets: dict  # arm -> model_budget
+  report: list  # one line per matched or targeted (arm, quantity)
+
+
 def prepare(experiment: registry.Experiment, scale: str, num_devices: int,
-            settings=None) -> list:
-  """(row, cfg) for every row, validated, with budgets matched; raises ConfigError."""
-  rows = experiment.rows(scale)
+            settings=None) -> Plan:
+  """Every row's config, validated, with budgets matched and paper sizes checked;
+  raises ConfigError before anything trains."""
   configs = []
-  for row in rows:
+  for row in experiment.rows(scale):
     cfg = row_config(experiment, row, scale, settings)
     config_lib.validate(cfg, num_devices=num_devices, check_data=False)
     configs.append((row, cfg))
-  budgets = arm_budgets(experiment, scale, settings)
-  check_matches(experiment, scale, budgets)
-  check_targets(experiment, scale, budgets)
-  return configs
+  budgets = budgets_of(configs)
+  report = (check_matches(experiment, scale, budgets)
+            + check_targets(experiment, scale, budgets))
+  return Plan(configs, budgets, report)
 
 
 def row_workdir(root: str, experiment: str, scale: str, row: dict) -> str:
@@ -186,14 +198,19 @@ def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | No
   return None
 
 
+def row_record(experiment: str, row: dict, cfg, **fields) -> dict:
+  """What row.json says of a row: what it is, plus `fields` (status, ...)."""
+  return dict(experiment=experiment, row=registry.row_name(row), arm=row["arm"],
+              seed=row["seed"], overrides=overrides(row), config=row["config"],
+              fingerprint=fingerprint(cfg), **fields)
+
+
 def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale: str) -> dict:
   """Trains (or measures) one row; returns its row.json. Never raises for the row's own failure."""
   import jax  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
-  record = dict(experiment=experiment.name, row=registry.row_name(row), arm=row["arm"],
-                seed=row["seed"], overrides=overrides(row), config=row["config"],
-                fingerprint=fingerprint(cfg), started=time.time())
+  record = row_record(experiment.name, row, cfg, started=time.time())
   if lead:
     write_json(os.path.join(workdir, "row.json"), dict(record, status="running"))
   try:
@@ -227,16 +244,16 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
   ({"data.data_dir": ...}) apply to every row, after the row's own overrides."""
   import jax  # pylint: disable=import-outside-toplevel
   experiment = registry.get(name)
-  configs = prepare(experiment, scale, jax.device_count(), settings)
+  plan = prepare(experiment, scale, jax.device_count(), settings)
+  configs = plan.configs
   if sweep_index is not None and not 0 <= sweep_index < len(configs):
     raise ConfigError(f"--sweep_index={sweep_index} is out of range: experiment {name!r} has "
                       f"{len(configs)} rows at scale {scale!r} (0..{len(configs) - 1}).")
   say(f"experiment {name} ({experiment.title}), scale {scale}: {len(configs)} rows; "
       f"budgets matched before training:")
-  budgets = arm_budgets(experiment, scale, settings)
-  for line in check_matches(experiment, scale, budgets) + check_targets(experiment, scale, budgets):
+  for line in plan.report:
     say(line)
-  for arm, b in budgets.items():
+  for arm, b in plan.budgets.items():
     say(f"  {arm:<20s}params {b['params']:>14,}  active {b['active_params']:>12,}  "
         f"fwd FLOPs/token {b['forward_flops_per_token']:>14,}")
   if dry_run:
@@ -257,9 +274,7 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     if same is not None:
       say(f"[{i + 1}/{len(configs)}] {registry.row_name(row)}: the same config already "
           f"trained in {same}; reusing it")
-      record = dict(experiment=name, row=registry.row_name(row), arm=row["arm"],
-                    seed=row["seed"], overrides=overrides(row), config=row["config"],
-                    fingerprint=fingerprint(cfg), status="completed", reused_from=same)
+      record = row_record(name, row, cfg, status="completed", reused_from=same)
       if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, "row.json"), record)

@@ -32,6 +32,24 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_metrics(workdir: str) -> list[dict]:
+  """metrics.jsonl's records in order ([] if there is none); a line cut short by a
+  crash is skipped."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return []
+  out = []
+  with open(path) as f:
+    for line in f:
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue
+      if isinstance(record, dict):
+        out.append(record)
+  return out
+
+
 class MetricWriter:
   """jsonl always; TensorBoard when tensorboardX is installed and enabled."""
 

@@ -78,22 +78,28 @@ def placement_report(tokens, widths, ep_degrees=(2, 4, 8)) -> list[dict]:
   return rows
 
 
+def last_expert_loads(records: list[dict]) -> list[tuple[str, list]]:
+  """(layer tag, per-expert load in decoupled order) from the last metrics.jsonl
+  record that logged expert loads; [] if none did."""
+  last = next((r for r in reversed(records)
+               if any(k.startswith("aux/expert_load/") for k in r)), None)
+  if last is None:
+    return []
+  layers = sorted(k for k in last if k.startswith("aux/expert_load/"))
+  return [(k.rsplit("/", 1)[-1], last[k]) for k in layers]
+
+
 def _last_expert_loads(workdir: str) -> tuple[dict, list]:
   """The run's config and the last logged per-layer expert loads (decoupled order)."""
   import json  # pylint: disable=import-outside-toplevel
   import os  # pylint: disable=import-outside-toplevel
+  from moejax.metrics import read_metrics  # pylint: disable=import-outside-toplevel
   with open(os.path.join(workdir, "config.json")) as f:
     cfg = json.load(f)
-  last = None
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    for line in f:
-      record = json.loads(line)
-      if any(k.startswith("aux/expert_load/") for k in record):
-        last = record
-  if last is None:
+  loads = last_expert_loads(read_metrics(workdir))
+  if not loads:
     raise SystemExit(f"No aux/expert_load/* in {workdir}/metrics.jsonl; is it a MoHGE run?")
-  layers = sorted(k for k in last if k.startswith("aux/expert_load/"))
-  return cfg, [(k.rsplit("/", 1)[-1], last[k]) for k in layers]
+  return cfg, loads
 
 
 def main(argv) -> None:

@@ -12,7 +12,7 @@ with its status and error; it never stops the aggregation.
 
 A run's summary is final.json flattened with "/" ({"budget": {"params": ..}}
 -> "budget/params"), then the last logged value of every scalar key of
-metrics.jsonl that final.json lacks, then experiment.derived(workdir). An
+metrics.jsonl that final.json lacks, then experiment.derived(records, config). An
 arm's value is the mean over its completed seeds +- the sample standard
 deviation (ddof=1); with one seed the mean alone, marked n=1.
 
@@ -47,6 +47,7 @@ if _ROOT not in sys.path:
 
 from experiments import registry  # pylint: disable=wrong-import-position
 from moejax.errors import ConfigError  # pylint: disable=wrong-import-position
+from moejax.metrics import read_metrics  # pylint: disable=wrong-import-position
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
 ONE_SEED, NOT_RUN, NO_DATA = "inconclusive (one seed)", "not run", "no data"
@@ -101,21 +102,6 @@ def _read_json(path: str):
     return None
 
 
-def read_metrics(workdir: str) -> list[dict]:
-  """metrics.jsonl's records in order; a line cut short by a crash is skipped."""
-  path = os.path.join(workdir, "metrics.jsonl")
-  if not os.path.exists(path):
-    return []
-  out = []
-  with open(path) as f:
-    for line in f:
-      try:
-        out.append(json.loads(line))
-      except ValueError:
-        continue
-  return [r for r in out if isinstance(r, dict)]
-
-
 def _one_line(text, limit: int = 200, last: bool = False) -> str:
   """The first (or last) non-empty line of `text`, cut at `limit` characters."""
   lines = [l.strip() for l in str(text).splitlines() if l.strip()]
@@ -145,12 +131,15 @@ def _is_scalar(value) -> bool:
   return not isinstance(value, (list, tuple, dict))
 
 
-def summarize(workdir: str, derived=None, records: list | None = None) -> tuple[dict, list]:
+def summarize(workdir: str, derived=None, records: list | None = None,
+              config: dict | None = None) -> tuple[dict, list]:
   """A run's summary and warnings: final.json flattened, then the last value of each
-  scalar metrics.jsonl key that final.json lacks, then derived(workdir)."""
+  scalar metrics.jsonl key that final.json lacks, then derived(records, config)."""
   summary = flatten(_read_json(os.path.join(workdir, "final.json")) or {})
   fixed = set(summary)
   records = read_metrics(workdir) if records is None else records
+  if config is None:
+    config = _read_json(os.path.join(workdir, "config.json")) or {}
   for record in records:  # a later record overwrites an earlier one, never final.json
     for key, value in record.items():
       if _is_scalar(value) and key not in fixed:
@@ -158,7 +147,7 @@ def summarize(workdir: str, derived=None, records: list | None = None) -> tuple[
   warnings = []
   if derived is not None:
     try:
-      summary.update(flatten(derived(workdir) or {}))
+      summary.update(flatten(derived(records, config) or {}))
     except Exception as e:  # pylint: disable=broad-except
       warnings.append(f"derived() failed for {workdir}: {type(e).__name__}: {_one_line(e)}")
   return summary, warnings
@@ -198,7 +187,7 @@ def load_run(experiment: registry.Experiment, scale: str, runs: str, row: dict) 
     return run
   run.records = read_metrics(source)
   run.config = _read_json(os.path.join(source, "config.json")) or {}
-  run.summary, run.warnings = summarize(source, experiment.derived, run.records)
+  run.summary, run.warnings = summarize(source, experiment.derived, run.records, run.config)
   return run
 
 

@@ -1,6 +1,5 @@
 """Shared test utilities: tiny configs and subprocess runs of run.py."""
 
-import json
 import os
 import subprocess
 import sys
@@ -52,8 +51,10 @@ def run_py(args: list[str], *, devices: int = 1, timeout: int = 300,
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+  """The run's metrics.jsonl records; the file must exist."""
+  from moejax.metrics import read_metrics as read  # pylint: disable=import-outside-toplevel
+  assert os.path.exists(os.path.join(workdir, "metrics.jsonl")), f"no metrics.jsonl in {workdir}"
+  return read(workdir)
 
 
 def losses_by_step(workdir: str) -> dict[int, float]:

@@ -106,7 +106,7 @@ def test_every_experiment_has_well_formed_rows_at_every_scale(name):
 @pytest.mark.parametrize("name", registry.NAMES)
 def test_every_experiment_prepares_at_tiny_on_one_device(name):
   exp = registry.get(name)
-  configs = sweep.prepare(exp, "tiny", num_devices=1)
+  configs = sweep.prepare(exp, "tiny", num_devices=1).configs
   rows = exp.rows("tiny")
   assert [row for row, _ in configs] == rows
   for row, cfg in configs:
@@ -131,7 +131,7 @@ def test_every_experiment_prepares_at_tiny_on_one_device(name):
 def test_every_experiment_prepares_at_its_larger_scales(name, scale):
   """Budgets and matches at small and paper scale: what --dry_run checks before a GPU run."""
   exp = registry.get(name)
-  configs = sweep.prepare(exp, scale, num_devices=1)
+  configs = sweep.prepare(exp, scale, num_devices=1).configs
   assert len(configs) == len(exp.rows(scale))
 
 

@@ -37,7 +37,7 @@ def attention_params(d, heads, kv_heads, head_dim):
 
 @pytest.mark.parametrize("name", NAMES)
 def test_paper_scale_validates_and_meets_matches_and_targets(name):
-  configs = sweep.prepare(registry.get(name), "paper", num_devices=1)
+  configs = sweep.prepare(registry.get(name), "paper", num_devices=1).configs
   assert len(configs) == len(registry.get(name).rows("paper"))
 
 
