@@ -98,6 +98,9 @@ def main(argv):
     distributed.initialize(FLAGS.jax_distributed,
                            coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    if FLAGS.experiment and any(a.startswith("--config") for a in sys.argv[1:]):
+      raise ConfigError("--config and --config.* set a single run and are ignored by "
+                        "--experiment; change every row with --set=group.field=value.")
     if FLAGS.experiment:
       from experiments.sweep import parse_settings, run_sweep
       records = run_sweep(FLAGS.experiment, FLAGS.scale, FLAGS.workdir or "runs/experiments",

@@ -22,8 +22,8 @@ def sweep(scale: str) -> list[dict]:
           for b in backends for s in common.SEEDS[scale]]
 
 
-def measure_backend(row: dict, cfg, workdir: str, scale: str) -> dict:
-  del workdir
+def measure_backend(row: dict, cfg, workdir: str, scale: str, settings: dict) -> dict:
+  del workdir, settings  # cfg already carries them
   from experiments import measure  # pylint: disable=import-outside-toplevel
   shape = SHAPES[scale]
   moe = cfg.copy_and_resolve_references()

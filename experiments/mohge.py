@@ -64,7 +64,8 @@ def derived(records: list, cfg: dict) -> dict:
               if k in r and lo < r["step"] <= hi]
       return float(np.mean(vals)) if vals else float("nan")
     window = max(steps // 4, 1)
-    before, after = mean_share(start - window, start), mean_share(steps - window, steps)
+    # before: the steps strictly before the loss switches on
+    before, after = mean_share(start - 1 - window, start - 1), mean_share(steps - window, steps)
     out.update({"traffic/small_groups_before": before, "traffic/small_groups_after": after,
                 "traffic/small_groups_shift": after - before})
   per = {"decoupled": [], "sorted": []}

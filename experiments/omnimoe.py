@@ -37,11 +37,11 @@ def sweep(scale: str) -> list[dict]:
   return out
 
 
-def measure_latency(row: dict, cfg, workdir: str, scale: str) -> dict:
+def measure_latency(row: dict, cfg, workdir: str, scale: str, settings: dict) -> dict:
   """Forward ms of OmniMoE and PEER at 4,096 tokens, interleaved in one process."""
   del workdir
   from experiments.sweep import row_config  # pylint: disable=import-outside-toplevel
-  peer_cfg = row_config(EXPERIMENT, dict(row, config=row["peer_config"]), scale)
+  peer_cfg = row_config(EXPERIMENT, dict(row, config=row["peer_config"]), scale, settings)
   times = measure.interleaved_ms({"omnimoe": cfg, "peer": peer_cfg}, tokens=4096,
                                  seed=row["seed"])
   return {"latency/omnimoe_ms": times["omnimoe"], "latency/peer_ms": times["peer"],

@@ -8,7 +8,8 @@ One file per table in experiments/ defines one `Experiment` named EXPERIMENT:
       "seed"    the run's seed,
       and any dotted config overrides, e.g. {"moe.load_balance_coef": 0.0}.
       A row with "task": "measure" is not trained: the experiment's
-      `measure(row, cfg, workdir, scale) -> dict` times something instead.
+      `measure(row, cfg, workdir, scale, settings) -> dict` times something
+      instead (settings: the launch's --set values, for any config it builds).
   matches   budget quantities that must agree across arms, asserted for every
             scale before a single row trains (moejax/budget.py keys).
   targets   sizes the paper reports, checked at "paper" scale (--dry_run).

@@ -27,6 +27,7 @@ import os
 import time
 import traceback
 
+import numpy as np
 from absl import logging
 
 from experiments import registry, scales
@@ -36,7 +37,7 @@ from moejax import data as data_lib
 from moejax.budget_match import relative_difference
 from moejax.config_files import load_config
 from moejax.errors import ConfigError
-from moejax.metrics import write_json
+from moejax.metrics import read_json, write_json
 
 def overrides(row: dict) -> dict:
   """The row's config overrides: its dotted keys ("moe.top_k"); the others
@@ -166,14 +167,6 @@ def row_workdir(root: str, experiment: str, scale: str, row: dict) -> str:
   return os.path.join(root, experiment, scale, registry.row_name(row))
 
 
-def read_json(path: str) -> dict | None:
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def is_completed(workdir: str) -> bool:
   final = read_json(os.path.join(workdir, "final.json"))
   return bool(final) and final.get("status") == "completed"
@@ -205,7 +198,8 @@ def row_record(experiment: str, row: dict, cfg, **fields) -> dict:
               fingerprint=fingerprint(cfg), **fields)
 
 
-def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale: str) -> dict:
+def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale: str,
+            settings: dict | None = None) -> dict:
   """Trains (or measures) one row; returns its row.json. Never raises for the row's own failure."""
   import jax  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
@@ -215,7 +209,7 @@ def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale
     write_json(os.path.join(workdir, "row.json"), dict(record, status="running"))
   try:
     if row.get("task") == "measure":
-      metrics = experiment.measure(row, cfg, workdir, scale)
+      metrics = experiment.measure(row, cfg, workdir, scale, settings or {})
       final = dict(metrics, status="completed", name=cfg.name, workdir=workdir)
       if lead:
         write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(cfg))
@@ -236,6 +230,16 @@ def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale
   if lead:
     write_json(os.path.join(workdir, "row.json"), record)
   return record
+
+
+def _agree(action: int) -> int:
+  """Process 0's choice for a row (0 skip, 1 reuse, 2 run), taken by every process:
+  hosts that read the outputs at different moments must still run the same rows."""
+  import jax  # pylint: disable=import-outside-toplevel
+  if jax.process_count() == 1:
+    return action
+  from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+  return int(multihost_utils.broadcast_one_to_all(np.int32(action)))
 
 
 def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
@@ -259,19 +263,30 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
   if dry_run:
     return []
   selected = range(len(configs)) if sweep_index is None else [sweep_index]
+  for i in selected:  # a changed config never passes for a completed row
+    row, cfg = configs[i]
+    workdir = row_workdir(root, name, scale, row)
+    done = read_json(os.path.join(workdir, "row.json")) or {}
+    if done.get("fingerprint") not in (None, fingerprint(cfg)):
+      raise ConfigError(f"Row {registry.row_name(row)} in {workdir} was run with another "
+                        f"config than the sweep now builds (its fingerprint differs); give "
+                        f"the changed sweep a new --workdir, or delete that row to rerun it.")
   records = []
   for i in selected:
     row, cfg = configs[i]
     workdir = row_workdir(root, name, scale, row)
     previous = read_json(os.path.join(workdir, "row.json")) or {}
-    if is_completed(workdir) or (previous.get("reused_from") and is_completed(previous["reused_from"])):
+    same = None if row.get("task") == "measure" else find_completed(
+        root, scale, fingerprint(cfg), workdir)
+    action = _agree(0 if (is_completed(workdir) or (previous.get("reused_from") and
+                                                     is_completed(previous["reused_from"])))
+                    else 1 if same is not None else 2)
+    if action == 0:
       say(f"[{i + 1}/{len(configs)}] {registry.row_name(row)}: already completed in "
           f"{previous.get('reused_from') or workdir}")
       records.append(dict(previous, status="completed"))
       continue
-    same = None if row.get("task") == "measure" else find_completed(
-        root, scale, fingerprint(cfg), workdir)
-    if same is not None:
+    if action == 1:
       say(f"[{i + 1}/{len(configs)}] {registry.row_name(row)}: the same config already "
           f"trained in {same}; reusing it")
       record = row_record(name, row, cfg, status="completed", reused_from=same)
@@ -282,7 +297,7 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
       continue
     say(f"[{i + 1}/{len(configs)}] {registry.row_name(row)}: {row['config']} "
         f"{overrides(row) or ''} -> {workdir}")
-    record = run_row(experiment, row, cfg, workdir, scale)
+    record = run_row(experiment, row, cfg, workdir, scale, settings)
     records.append(record)
     say(f"[{i + 1}/{len(configs)}] {record['row']}: {record['status']}"
         + (f" ({record['error']})" if record.get("error") else ""))

@@ -32,6 +32,15 @@ def write_json(path: str, obj) -> None:
   os.replace(tmp, path)
 
 
+def read_json(path: str):
+  """The JSON object in `path`, or None if it is missing or unreadable."""
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
 def read_metrics(workdir: str) -> list[dict]:
   """metrics.jsonl's records in order ([] if there is none); a line cut short by a
   crash is skipped."""

@@ -47,7 +47,7 @@ if _ROOT not in sys.path:
 
 from experiments import registry  # pylint: disable=wrong-import-position
 from moejax.errors import ConfigError  # pylint: disable=wrong-import-position
-from moejax.metrics import read_metrics  # pylint: disable=wrong-import-position
+from moejax.metrics import read_json, read_metrics  # pylint: disable=wrong-import-position
 
 REPRODUCED, CONTRADICTED, INCONCLUSIVE = "reproduced", "contradicted", "inconclusive"
 ONE_SEED, NOT_RUN, NO_DATA = "inconclusive (one seed)", "not run", "no data"
@@ -94,14 +94,6 @@ class Run:
 # ----------------------------------------------------------------------------- reading runs
 
 
-def _read_json(path: str):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 def _one_line(text, limit: int = 200, last: bool = False) -> str:
   """The first (or last) non-empty line of `text`, cut at `limit` characters."""
   lines = [l.strip() for l in str(text).splitlines() if l.strip()]
@@ -135,11 +127,11 @@ def summarize(workdir: str, derived=None, records: list | None = None,
               config: dict | None = None) -> tuple[dict, list]:
   """A run's summary and warnings: final.json flattened, then the last value of each
   scalar metrics.jsonl key that final.json lacks, then derived(records, config)."""
-  summary = flatten(_read_json(os.path.join(workdir, "final.json")) or {})
+  summary = flatten(read_json(os.path.join(workdir, "final.json")) or {})
   fixed = set(summary)
   records = read_metrics(workdir) if records is None else records
   if config is None:
-    config = _read_json(os.path.join(workdir, "config.json")) or {}
+    config = read_json(os.path.join(workdir, "config.json")) or {}
   for record in records:  # a later record overwrites an earlier one, never final.json
     for key, value in record.items():
       if _is_scalar(value) and key not in fixed:
@@ -165,10 +157,10 @@ def load_run(experiment: registry.Experiment, scale: str, runs: str, row: dict) 
   """Finds a row's run and, if it completed, its summary, metrics and config."""
   name = registry.row_name(row)
   rdir = os.path.join(runs, experiment.name, scale, name)
-  record = _read_json(os.path.join(rdir, "row.json")) or {}
+  record = read_json(os.path.join(rdir, "row.json")) or {}
   reused = record.get("reused_from")
   source = _resolve_reused(reused, runs) if reused else rdir
-  final = _read_json(os.path.join(source, "final.json"))
+  final = read_json(os.path.join(source, "final.json"))
   run = Run(row=row, name=name, dir=rdir, source=source, status="completed", reused_from=reused)
   if not (isinstance(final, dict) and final.get("status") == "completed"):
     status = record.get("status") or (final or {}).get("status")
@@ -186,7 +178,7 @@ def load_run(experiment: registry.Experiment, scale: str, runs: str, row: dict) 
     run.status, run.error = status, error
     return run
   run.records = read_metrics(source)
-  run.config = _read_json(os.path.join(source, "config.json")) or {}
+  run.config = read_json(os.path.join(source, "config.json")) or {}
   run.summary, run.warnings = summarize(source, experiment.derived, run.records, run.config)
   return run
 
