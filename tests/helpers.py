@@ -53,7 +53,9 @@ def run_py(args: list[str], *, devices: int = 1, timeout: int = 300,
 def read_metrics(workdir: str) -> list[dict]:
   """The run's metrics.jsonl records; the file must exist."""
   from moejax.metrics import read_metrics as read  # pylint: disable=import-outside-toplevel
-  assert os.path.exists(os.path.join(workdir, "metrics.jsonl")), f"no metrics.jsonl in {workdir}"
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):  # tests that poll a starting run catch OSError
+    raise FileNotFoundError(f"no metrics.jsonl in {workdir}")
   return read(workdir)
 
 
