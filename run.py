@@ -30,7 +30,7 @@ try:
 except (AttributeError, KeyError) as _e:
   _hint = str(_e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
   print(f"config error: a --config.* override names a field that does not exist "
-        f"({_hint}); see configs/common.py for the fields.", file=sys.stderr)
+        f"({_hint}); see moejax/config/base.py for the fields.", file=sys.stderr)
   sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
 flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")

@@ -105,7 +105,7 @@ def _router_fns(k, chunk_elems):
   import jax
   import jax.numpy as jnp
 
-  from moejax.model.product_router import full_grid_topk, product_topk
+  from moejax.papers.omnimoe.product_router import full_grid_topk, product_topk
 
   def logprobs(a, b):
     return jax.nn.log_softmax(a, axis=-1), jax.nn.log_softmax(b, axis=-1)
@@ -219,9 +219,9 @@ def _layer_step(level, path, n_exp, k, x):
   import jax.numpy as jnp
   from flax import nnx
 
-  from configs.common import base_config
+  from moejax.config.base import base_config
   from moejax.model import sublayers
-  from moejax.model.atomic_experts import atomic_ffn
+  from moejax.papers.omnimoe.atomic_experts import atomic_ffn
 
   d = FLAGS.d_model
   if level == "experts":

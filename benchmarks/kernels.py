@@ -206,7 +206,7 @@ def layer_table(shapes, rows_list, backends):
   import numpy as np
   from flax import nnx
 
-  from configs.common import base_config
+  from moejax.config.base import base_config
   from moejax.model import sublayers
 
   def build(kind, experts, d, f, top_k):

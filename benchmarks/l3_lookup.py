@@ -1,7 +1,7 @@
 """L3 lookup layer: its cost against a dense SwiGLU, and host-resident tables at evaluation.
 
 Part 1, layer. Forward+backward (jit(value_and_grad) of mean(y^2), gradients
-w.r.t. x and all parameters) of one L3 layer (moejax/model/l3.py) with
+w.r.t. x and all parameters) of one L3 layer (moejax/papers/l3/layer.py) with
 path=padded and path=sorted, against a dense SwiGLU with the same active
 parameters per token as budget.l3_budget counts them (the max_rows_per_token
 rows a token may read, W_up, W_mix, norms): width w = round(active / (3 d)).
@@ -16,7 +16,7 @@ temp - alias). Variants are timed interleaved, median of --repeats rounds.
 Part 2, host tables. The configs/l3.py:lzw_tiny model (untrained, W_mix random
 so the read reaches the logits) evaluates batches of the eval stream at the
 shapes of --host_shapes, once with its tables on device and once with
-moejax/l3_host.py: per batch the distinct ids' rows are gathered on the host,
+moejax/papers/l3/host.py: per batch the distinct ids' rows are gathered on the host,
 padded to a power-of-two bucket and put on the device. Reported per shape
 (mean over --host_batches batches, each the median of --repeats rounds): rows
 and bytes shipped, the fraction of the table, host gather and transfer ms, and
@@ -109,7 +109,7 @@ def _layer_step(kind, cfg, counts, x, ids):
   from flax import nnx
 
   from moejax.model import sublayers
-  from moejax.model.l3 import L3Layer
+  from moejax.papers.l3.layer import L3Layer
 
   cfg = cfg.copy_and_resolve_references()
   if kind == "dense":
@@ -132,7 +132,7 @@ def run_layer() -> dict:
   import jax
   import numpy as np
 
-  from moejax import l3_allocation
+  from moejax.papers.l3 import allocation as l3_allocation
 
   base, vocab = _preset()
   out = []
@@ -183,8 +183,8 @@ def run_host() -> dict:
   import numpy as np
   from flax import nnx
 
-  from moejax import l3_allocation
-  from moejax.l3_host import HostTables, make_forward
+  from moejax.papers.l3 import allocation as l3_allocation
+  from moejax.papers.l3.host import HostTables, make_forward
   from moejax.model.transformer import Transformer
 
   cfg, vocab = _preset()
@@ -278,7 +278,7 @@ def _layer_md(r) -> list[str]:
 def _host_md(r) -> list[str]:
   l3 = r["l3"]
   lines = [
-      "## 2. Evaluation with the L3 tables in host memory (moejax/l3_host.py)", "",
+      "## 2. Evaluation with the L3 tables in host memory (moejax/papers/l3/host.py)", "",
       f"configs/l3.py:lzw_tiny model (d {l3['d_model']}, vocab {r['vocab']}, L3 after "
       f"layers {tuple(l3['after_layers'])}: {r['layers']} table(s) of {l3['rows']:,} rows, "
       f"max_rows {l3['max_rows']}; {r['table_bytes'] / 2**20:.1f} MiB of keys + values in "

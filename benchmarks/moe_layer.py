@@ -41,7 +41,7 @@ def _layer_fns(backend, num_experts, top_k):
   import jax.numpy as jnp
   from flax import nnx
 
-  from configs.common import base_config
+  from moejax.config.base import base_config
   from moejax.model import sublayers
 
   cfg = base_config()

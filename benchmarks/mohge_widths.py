@@ -1,6 +1,6 @@
 """MoHGE: does routed expert compute follow the widths actually chosen?
 
-MoHGE (moejax/model/mohge.py) keeps G groups of n SwiGLU experts, every expert
+MoHGE (moejax/papers/mohge/mohge.py) keeps G groups of n SwiGLU experts, every expert
 of group g W_g wide. `MoHGE._routed` runs them with the `sorted` backend in one
 sorted layout shared by all groups (each group's block loop visits only its own
 experts' blocks), or with `ragged_dot` once per group with only that group's

@@ -10,7 +10,7 @@ small: 8 layers, d=512, SwiGLU 1536, ~30M params, 2k steps of 64 x 512 tokens,
        bf16 compute. Sized for one GPU.
 """
 
-from configs.common import base_config, parse_preset
+from moejax.config.base import base_config, parse_preset
 
 PRESETS = ("tiny", "small")
 

@@ -22,7 +22,7 @@ sizes:
          (512 + 512) each, cap 64, SwiGLU 1536 -> 1400. One GPU.
 """
 
-from configs.common import parse_preset
+from moejax.config.base import parse_preset
 from configs.dense import get_config as dense_config
 
 ARMS = ("dense", "lzw", "uniform", "frequency")

@@ -8,7 +8,7 @@
 arms (papers.md section 3):
   vanilla   a top-2 MoE (configs/moe.py:mixtral_<size>) of the full depth
   loopbase  prefix + one block looped R times + suffix at the same effective
-            depth, no IterAdaLN; experts resized by moejax/loop_balance.py so
+            depth, no IterAdaLN; experts resized by moejax/papers/loopmoe/balance.py so
             total params, FLOPs/token and the attention:FFN active ratio match
             vanilla within 1%
   loopmoe   the same plan with IterAdaLN, balanced again; at these sizes the
@@ -26,14 +26,14 @@ sizes:
          width 764. (A 2 + 4 x 2 + 2 plan cannot match: one expert more or less
          moves the total by 7.5%.)
 The balanced expert counts (17, 11) are prime: for expert parallelism
-(--config.mesh.expert > 1) balance with moejax.loop_balance.balance_loop(...,
+(--config.mesh.expert > 1) balance with moejax.papers.loopmoe.balance.balance_loop(...,
 experts_multiple_of=EP) instead.
 """
 
-from configs.common import parse_preset
+from moejax.config.base import parse_preset
 from configs.moe import get_config as moe_config
 from moejax import data as data_lib
-from moejax.loop_balance import balance_loop
+from moejax.papers.loopmoe.balance import balance_loop
 
 ARMS = ("vanilla", "loopbase", "loopmoe")
 SIZES = ("tiny", "small")

@@ -14,7 +14,7 @@ families (each tiny preset has the active FFN parameters of configs/dense.py:tin
 sizes: tiny (embedded corpus, CPU, minutes) and small (dense.py:small's trunk, one GPU).
 """
 
-from configs.common import parse_preset
+from moejax.config.base import parse_preset
 from configs.dense import get_config as dense_config
 
 FAMILIES = ("switch", "mixtral", "deepseek")

@@ -20,7 +20,7 @@ mean of 52 against 64):
   baseline_small 64 experts of width 512, top-6, two shared
 """
 
-from configs.common import parse_preset
+from moejax.config.base import parse_preset
 from configs.dense import get_config as dense_config
 
 PRESETS = ("tiny", "matched_tiny", "baseline_tiny", "small", "baseline_small")

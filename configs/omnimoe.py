@@ -15,7 +15,7 @@ dense.py and moe.py presets at equal active parameters:
   peer_small N = 16384, 4 heads x top-16, query 128, shared 1312
 """
 
-from configs.common import parse_preset
+from moejax.config.base import parse_preset
 from configs.dense import get_config as dense_config
 
 PRESETS = ("tiny", "small", "peer_tiny", "peer_small")

@@ -4,7 +4,7 @@ Arms, at identical total params, forward FLOPs/token and attention:FFN active
 ratio (each within 1% of vanilla, asserted before training):
   vanilla         8-layer top-2 MoE (configs/loopmoe.py:vanilla_tiny)
   loopbase        1 prefix + 2 layers looped 3 times + 1 suffix, no IterAdaLN,
-                  experts resized by moejax/loop_balance.py
+                  experts resized by moejax/papers/loopmoe/balance.py
   loopmoe         the same with IterAdaLN (the paper's model)
   loopmoe_nogate  IterAdaLN without its output gate (1 + alpha): an ablation of
                   the part of IterAdaLN that scales the sublayer output

@@ -13,14 +13,14 @@ MoHGE beats dense; once the group loss switches on (second half of training)
 traffic moves toward the small groups, more than without the loss; with
 expert parallelism the paper's decoupled (permuted) placement balances
 per-shard token x width load better than a size-sorted one (computed from the
-trained router's final expert loads, moejax/mohge_placement.py).
+trained router's final expert loads, moejax/papers/mohge/placement.py).
 """
 
 import numpy as np
 
 from experiments import common, paper_sizes
 from experiments.registry import Claim, Experiment, Match
-from moejax import mohge_placement
+from moejax.papers.mohge import placement as mohge_placement
 
 SPECS = {"dense": "configs/dense.py:{size}", "baseline": "configs/mohge.py:baseline_{size}",
          "mohge": "configs/mohge.py:{size}", "mohge_no_group_loss": "configs/mohge.py:{size}"}

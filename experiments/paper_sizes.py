@@ -37,7 +37,7 @@ LoopMoE [3.c]: only "3B" is reported (total or active unknown). Our choice:
   vanilla = a top-2-of-8 MoE at 3B total (d 2048, 16 layers, 16 heads x 128,
   8 KV heads, experts 3456 wide, vocab 32,000 tied, seq 2048: 2.99B total,
   0.95B active). Loop plan (ours): 2 prefix + 3 layers x 4 iterations + 2
-  suffix (7 unique layers); moejax.loop_balance.balance_loop then gives
+  suffix (7 unique layers); moejax.papers.loopmoe.balance.balance_loop then gives
   E' = 19 experts of width F' = 3459 for both Loop Base and LoopMoE (params,
   FLOPs/token and attention:FFN ratio within 0.2% of vanilla);
   tests/test_paper_sizes.py checks these numbers are still what it picks.

@@ -34,8 +34,8 @@ from experiments import registry, scales
 from moejax import budget as budget_lib
 from moejax import config as config_lib
 from moejax import data as data_lib
-from moejax.budget_match import relative_difference
-from moejax.config_files import load_config
+from moejax.config.budget_match import relative_difference
+from moejax.config.files import load_config
 from moejax.errors import ConfigError
 from moejax.metrics import read_json, write_json
 
@@ -52,11 +52,11 @@ def set_dotted(cfg, key: str, value) -> None:
   for part in path:
     if part not in node:
       raise ConfigError(f"Override {key!r} names no config group {part!r}; see "
-                        f"configs/common.py for the fields.")
+                        f"moejax/config/base.py for the fields.")
     node = node[part]
   if leaf not in node:
     raise ConfigError(f"Override {key!r} names no field {leaf!r} of {'.'.join(path) or 'config'}; "
-                      f"see configs/common.py for the fields.")
+                      f"see moejax/config/base.py for the fields.")
   node[leaf] = tuple(value) if isinstance(value, list) else value
 
 

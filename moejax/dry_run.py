@@ -12,7 +12,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import budget as budget_lib
-from moejax import budget_match
+from moejax.config import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import sharding
@@ -37,7 +37,7 @@ def report(cfg) -> dict:
   mesh = sharding.make_mesh(cfg.mesh)
   l3_counts = None
   if cfg.l3.after_layers:  # shapes only: any allocation with the configured rows will do
-    from moejax.l3_allocation import uniform_allocation  # pylint: disable=import-outside-toplevel
+    from moejax.papers.l3.allocation import uniform_allocation  # pylint: disable=import-outside-toplevel
     l3_counts = uniform_allocation(vocab, cfg.l3.rows, cfg.l3.max_rows_per_token)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train), l3_counts=l3_counts)

@@ -34,7 +34,7 @@ from absl import logging
 from flax import nnx
 
 from moejax import budget as budget_lib
-from moejax import budget_match
+from moejax.config import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import sharding
@@ -224,7 +224,7 @@ def metrics_from_totals(totals: dict) -> dict:
 
 def host_table_eval(cfg, spec, state, eval_iter, tokenizer) -> dict:
   """The final evaluation again with the L3 tables in host memory, shipping each
-  batch's rows (moejax/l3_host.py): its metrics and what it shipped."""
+  batch's rows (moejax/papers/l3/host.py): its metrics and what it shipped."""
   from moejax import l3_host  # pylint: disable=import-outside-toplevel
   # One device holds the rest of the model; the model's sharding constraints
   # then refer to a one-device mesh.

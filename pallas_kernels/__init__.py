@@ -11,7 +11,7 @@
   gather_scatter_matmul.py     permute fused on load, weighted unpermute on store (GPU)
     gather_scatter_reference.py
   moe_ffn.py                   the routed SwiGLU FFN on these kernels, backward written out
-                               (the `pallas` dispatch backend, moejax/dispatch/pallas.py)
+                               (the `pallas` dispatch backend, moejax/moe/dispatch/pallas.py)
   atomic_experts.py            OmniMoE/PEER single-neuron experts, expert-centric
   product_topk.py              product-key top-k router (one body for Mosaic and Triton)
   l3_lookup.py                 L3 per-token softmax over the token's own rows

@@ -3,7 +3,7 @@
     y_t = sum_{j<k} g_tj act(s_tj) v_e,   s_tj = u_e . x_t,   e = idx_tj,   U, V: [N, d]
 
 The T*k (token, slot) pairs are sorted by expert (XLA argsort, as
-moejax.model.atomic_experts.atomic_expert_sorted does), so the pairs of one
+pallas_kernels.atomic_experts_reference.atomic_expert_sorted does), so the pairs of one
 expert form a run. One program walks a tile of `block_pairs` sorted pairs in
 order, one pair per step with d-wide vector ops:
 
@@ -54,6 +54,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import platform
+from pallas_kernels.atomic_experts_reference import atomic_expert_sorted
 
 ACTIVATIONS = ("silu", "gelu")
 _GELU_C = math.sqrt(2.0 / math.pi)
@@ -262,7 +263,7 @@ def atomic_pallas(x, expert_idx, gates, up, down, *, activation: str = "silu", o
   """x: [T, d]; expert_idx, gates: [T, k]; up, down: [N, d] -> y [T, d] (summed in
   float32, returned in out_dtype, default x.dtype); ids >= N contribute nothing.
 
-  The contract of moejax.model.atomic_experts.atomic_gather. block_pairs: sorted
+  The contract of pallas_kernels.atomic_experts_reference.atomic_gather. block_pairs: sorted
   pairs per program (rounded up to a power of two)."""
   if activation not in ACTIVATIONS:
     raise ValueError(f"Unknown activation {activation!r}; choose one of {ACTIVATIONS}.")
@@ -273,8 +274,6 @@ def atomic_pallas(x, expert_idx, gates, up, down, *, activation: str = "silu", o
   variant, interpret = platform.resolve(variant, interpret)
   if variant == "tpu":
     # No Mosaic body (module docstring): the XLA expert-sorted path.
-    # pylint: disable-next=import-outside-toplevel
-    from moejax.model.atomic_experts import atomic_expert_sorted
     return atomic_expert_sorted(x, expert_idx, gates, up, down, activation=activation,
                                 out_dtype=out_dtype)
   return _atomic(x, expert_idx.astype(jnp.int32), gates, up, down, activation, out_dtype,

@@ -44,7 +44,7 @@ atomics there, would need a sequential grid or a second, row-sorted pass.
 moejax's path "pallas" routes TPU to the XLA padded path instead (one gather
 and one scatter-add); this module raises for "tpu".
 
-Inside shard_map (row-split tables, moejax/l3_parallel.py) the outputs are typed
+Inside shard_map (row-split tables, moejax/papers/l3/parallel.py) the outputs are typed
 to vary like the inputs, and a table's gradient is summed over the axes its
 tokens vary over and it does not (what autodiff does for the padded path).
 JAX's Pallas interpreter fails inside a shard_map that checks varying axes, so
@@ -61,7 +61,7 @@ from jax.experimental.pallas import triton as pltriton
 
 from pallas_kernels import platform
 
-# The max score of a token with no rows: equal to moejax.model.l3_lookup.NEG.
+# The max score of a token with no rows: equal to moejax.papers.l3.lookup.NEG.
 NEG = -1e30
 # Default bound on the floats of one [row chunk, width] block (registers).
 _BLOCK_FLOATS = 8192
@@ -309,7 +309,7 @@ def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, row
   """(m [T], s [T], u [T], numer [T, e]) for h [T, d], ids [T] over the rows
   [row_start, row_start + L) that keys [L, d] / values [L, e] hold (values is
   keys: tied). offsets, counts: [vocab] int, global rows; counts above max_rows
-  are cut to max_rows. Same contract as moejax.model.l3_lookup.lookup_partials;
+  are cut to max_rows. Same contract as moejax.papers.l3.lookup.lookup_partials;
   differentiable in h, keys and values (m has no gradient). token_tile: tokens
   per program; row_chunk: rows per step of a token's loop (default 16, fewer for
   wide rows so that a [chunk, width] block stays within 8192 floats), capped at

@@ -2,7 +2,7 @@
 
     y_t = sum_j w_tj SwiGLU_{e_tj}(x_t),   SwiGLU_e(x) = (silu(x Wg_e) * (x Wu_e)) Wd_e
 
-the contract of moejax.dispatch.expert_ffn (an expert id equal to E means "no
+the contract of moejax.moe.dispatch.expert_ffn (an expert id equal to E means "no
 expert"; the pair adds nothing). The T*k (token, slot) pairs are sorted by
 expert once (one argsort) into rows r = 0..M-1, and the group metadata of that
 row grouping is built once and shared by every matmul of the forward and the
@@ -29,7 +29,7 @@ row per expert and the scatter's atomics never add twice to one address from
 one program (which JAX's interpret-mode emulation of atomics would drop).
 
 fused=False (always for variant "tpu") permutes with XLA gathers whose own
-backward is a gather (moejax.dispatch.gather: dispatch_rows, gather_pairs) and
+backward is a gather (pallas_kernels.row_gather: dispatch_rows, gather_pairs) and
 runs the three products on grouped_matmul.py, whose custom VJP reuses the same
 plan; the elementwise SwiGLU and the weighted combine are left to autodiff.
 Fused kernels do not exist for TPU: a data-dependent row gather there is one
@@ -46,8 +46,8 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import sort_by_expert
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
+from pallas_kernels.expert_layout import sort_by_expert
 from pallas_kernels import gather_scatter_matmul as gs
 from pallas_kernels import platform
 from pallas_kernels.group_metadata import GroupMetadata, make_group_metadata

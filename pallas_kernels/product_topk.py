@@ -6,7 +6,7 @@ For each token (a, b: [n] sub-key scores; expert r * n + c scores a_r + b_c):
     cand[p * k' + q] = sa_p + sb_q                   the k'^2 cells that can win
     (scores, f) = top-k(cand);  ids = ia[f // k'] * n + ib[f % k']
 
-which is moejax.model.product_router.product_topk (see there why the k best
+which is moejax.papers.omnimoe.product_router.product_topk (see there why the k best
 cells lie among the k'^2). One program handles a tile of tokens and does
 every top-k by rounds of "max, first position holding it, mark it taken"
 (k' rounds per axis, k over the candidates), all on 2-D [tokens, lanes]

@@ -22,7 +22,7 @@ TINY_FLAGS = {
 
 def tiny_config(**overrides):
   """base_config() with TINY_FLAGS and then `overrides` ("group.field": value)."""
-  from configs.common import base_config
+  from moejax.config.base import base_config
   c = base_config()
   for key, value in {**TINY_FLAGS, **overrides}.items():
     node = c

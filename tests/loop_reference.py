@@ -1,7 +1,7 @@
 """Naive references for the looped block (LoopMoE), written from the equations.
 
 Nothing here imports moejax's loop or IterAdaLN code (moejax/model/loop.py,
-moejax/model/iter_adaln.py) or its Block: these are what they are checked
+moejax/papers/loopmoe/iter_adaln.py) or its Block: these are what they are checked
 against.
 
   sinusoidal_pe(k, dim)   PE(k) = [sin(k w_i), cos(k w_i)], w_i = 10000^(-2i/dim)

@@ -28,8 +28,8 @@ from moejax import config as config_lib
 from moejax.budget import SUBLAYER_BUDGETS, model_budget
 from moejax.errors import ConfigError
 from moejax.model import sublayers
-from moejax.model.atomic_experts import atomic_expert_sorted, atomic_gather
-from moejax.model.product_router import full_grid_topk, product_topk
+from moejax.papers.omnimoe.atomic_experts import atomic_expert_sorted, atomic_gather
+from moejax.papers.omnimoe.product_router import full_grid_topk, product_topk
 from tests import atomic_reference as ref
 from tests.helpers import tiny_config
 

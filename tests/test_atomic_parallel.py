@@ -22,7 +22,8 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 from moejax import sharding
-from moejax.model import atomic_layer, sublayers
+from moejax.model import sublayers
+from moejax.papers.omnimoe import atomic_layer
 from tests.helpers import tiny_config
 from tests.sharded_layer import loss_and_grads
 

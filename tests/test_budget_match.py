@@ -5,10 +5,10 @@ import textwrap
 import pytest
 
 from configs.moe import get_config
-from moejax import budget_match
-from moejax.config_files import load_config
+from moejax.config import budget_match
+from moejax.config.files import load_config
 from moejax.errors import ConfigError
-from moejax.loop_balance import balance_loop
+from moejax.papers.loopmoe.balance import balance_loop
 
 VOCAB = 2048
 
@@ -19,7 +19,7 @@ def reference_file(tmp_path):
   seq_len (the candidate's data must replace it)."""
   path = tmp_path / "refs.py"
   path.write_text(textwrap.dedent("""\
-      from configs.common import parse_preset
+      from moejax.config.base import parse_preset
       from configs.moe import get_config as moe_config
 
       def get_config(arg=None):

@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from moejax import dispatch
+from moejax.moe import dispatch
 from moejax.model import sublayers
 from tests import moe_reference as ref
 from tests.helpers import tiny_config

@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax import dispatch
-from moejax.dispatch import auto
+from moejax.moe import dispatch
+from moejax.moe.dispatch import auto
 from moejax.model import sublayers
 from moejax.sharding import make_mesh
 from tests.helpers import tiny_config

@@ -11,10 +11,10 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.block_swiglu import block_swiglu
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import block_layout, padded_rows
-from moejax.dispatch.sorted_blocks import auto_block_size, expert_rows_sorted
+from moejax.moe.dispatch.block_swiglu import block_swiglu
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
+from pallas_kernels.expert_layout import block_layout, padded_rows
+from moejax.moe.dispatch.sorted_blocks import auto_block_size, expert_rows_sorted
 
 
 def _silu(a):
@@ -246,7 +246,7 @@ def test_grouped_layout_equals_one_call_per_group_and_recompute_equals_stored(mo
   """Experts of three widths in one sorted layout (MoHGE): values and gradients
   equal separate per-group calls of the plain sorted backend, and the
   recomputing backward equals the one that stores pre-activations."""
-  from moejax.dispatch import sorted_blocks  # pylint: disable=import-outside-toplevel
+  from moejax.moe.dispatch import sorted_blocks  # pylint: disable=import-outside-toplevel
   expert_rows_sorted_groups = sorted_blocks.expert_rows_sorted_groups
   rng = np.random.default_rng(7)
   d, tokens, k, widths, per_group = 8, 13, 2, (3, 5, 7), 2

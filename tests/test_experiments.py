@@ -10,7 +10,7 @@ import pytest
 
 from experiments import common, registry, sweep
 from experiments.registry import Experiment, Match, Target
-from moejax.config_files import load_config
+from moejax.config.files import load_config
 from moejax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_py
 

@@ -19,12 +19,12 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from configs.common import base_config
+from moejax.config.base import base_config
 from moejax import sharding
 from moejax.errors import ConfigError
-from moejax.model import l3 as l3_module
-from moejax.model import l3_lookup
-from moejax.model.l3 import L3Index, L3Layer
+from moejax.papers.l3 import layer as l3_module
+from moejax.papers.l3 import lookup as l3_lookup
+from moejax.papers.l3.layer import L3Index, L3Layer
 from tests.sharded_layer import assert_same_layer_results, loss_and_grads
 
 VOCAB, ROWS, K, D, E = 50, 200, 8, 32, 24

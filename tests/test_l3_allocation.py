@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import moejax.data as data
-from moejax import l3_allocation as L
+from moejax.papers.l3 import allocation as L
 from moejax.data import preparation
 from moejax.errors import ConfigError
 from tests.helpers import tiny_config

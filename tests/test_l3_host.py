@@ -1,4 +1,4 @@
-"""L3 tables kept in host memory (moejax/l3_host.py): a forward on the compact
+"""L3 tables kept in host memory (moejax/papers/l3/host.py): a forward on the compact
 per-batch tables gives the device-resident model's logits and eval metrics, and
 ships fewer rows than the table for small batches, in power-of-two buckets."""
 
@@ -10,7 +10,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax import train as train_lib
-from moejax.l3_host import HostTables, evaluate_with_host_tables, make_forward
+from moejax.papers.l3.host import HostTables, evaluate_with_host_tables, make_forward
 from moejax.model.transformer import Transformer
 from tests.helpers import tiny_config
 

@@ -25,8 +25,8 @@ import pytest
 from flax import nnx
 
 from moejax import budget, sharding
-from moejax.model import moe as moe_module
-from moejax.model.iter_adaln import IterAdaLN
+from moejax.moe import layer as moe_module
+from moejax.papers.loopmoe.iter_adaln import IterAdaLN
 from moejax.model.transformer import Transformer
 from tests import loop_reference as ref
 from tests.helpers import tiny_config
@@ -221,7 +221,7 @@ def test_iter_adaln_equals_equations(gate):
 
 
 def test_sinusoidal_encoding_written_out():
-  from moejax.model.iter_adaln import sinusoidal_encoding
+  from moejax.papers.loopmoe.iter_adaln import sinusoidal_encoding
   for k in (0, 1, 3, 9):
     pe = np.asarray(sinusoidal_encoding(k, PE_DIM), np.float64)
     want = np.concatenate([[math.sin(k * 10_000 ** (-2 * i / PE_DIM)) for i in range(PE_DIM // 2)],

@@ -6,7 +6,7 @@ import pytest
 from configs.moe import get_config
 from moejax import budget
 from moejax.errors import ConfigError
-from moejax.loop_balance import balance_loop
+from moejax.papers.loopmoe.balance import balance_loop
 
 VOCAB = 2048
 

@@ -47,7 +47,8 @@ def test_l3_next_to_a_loop_is_allowed():
 @pytest.mark.parametrize("module", ["configs.loopmoe", "configs.l3"])
 def test_presets_validate_and_claimed_matches_hold(module):
   import importlib
-  from moejax import budget_match, data
+  from moejax import data
+  from moejax.config import budget_match
   mod = importlib.import_module(module)
   claims = 0
   for preset in mod.PRESETS:

@@ -11,7 +11,7 @@ from flax import nnx
 
 from moejax import budget as budget_lib
 from moejax import data as data_lib
-from moejax import l3_allocation
+from moejax.papers.l3 import allocation as l3_allocation
 from moejax.checkpoint import Checkpointer
 from moejax.model.transformer import Transformer
 from moejax.train import train_and_evaluate
@@ -174,8 +174,9 @@ def test_looped_model_with_row_split_l3_on_a_mesh_equals_single_device(monkeypat
   the single-device run."""
   import jax.numpy as jnp
   from jax.sharding import NamedSharding, PartitionSpec as P
-  from moejax import l3_parallel, sharding
-  from moejax.model import l3 as l3_module
+  from moejax import sharding
+  from moejax.papers.l3 import parallel as l3_parallel
+  from moejax.papers.l3 import layer as l3_module
   cfg, vocab, model = _looped_l3_model(**{"mesh.data": 2, "mesh.expert": 4})
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   tokens = jax.random.randint(jax.random.key(3), (8, 16), 0, vocab)

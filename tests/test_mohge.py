@@ -24,11 +24,11 @@ from flax import nnx
 
 from moejax import budget
 from moejax import config as config_lib
-from moejax import mohge_placement as placement
+from moejax.papers.mohge import placement
 from moejax.errors import ConfigError
-from moejax.model import mohge_balance
+from moejax.papers.mohge import balance as mohge_balance
 from moejax.model import sublayers
-from moejax.model.group_router import route_groups
+from moejax.papers.mohge.group_router import route_groups
 from tests import mohge_reference as ref
 from tests.helpers import tiny_config
 

@@ -21,7 +21,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
-from moejax.model import mohge as mohge_module
+from moejax.papers.mohge import mohge as mohge_module
 from moejax.model import sublayers
 from tests.helpers import tiny_config
 from tests.sharded_layer import loss_and_grads

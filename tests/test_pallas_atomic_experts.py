@@ -23,7 +23,8 @@ import pytest
 from flax import nnx
 
 from moejax import config as config_lib
-from moejax.model import atomic_experts, sublayers
+from moejax.model import sublayers
+from moejax.papers.omnimoe import atomic_experts
 from pallas_kernels.atomic_experts import atomic_pallas
 from tests import atomic_reference as ref
 from tests.helpers import tiny_config

@@ -21,12 +21,12 @@ import pytest
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
-from configs.common import base_config
+from moejax.config.base import base_config
 from moejax import config as config_lib
 from moejax import sharding
 from moejax.errors import ConfigError
-from moejax.model import l3_lookup
-from moejax.model.l3 import L3Layer
+from moejax.papers.l3 import lookup as l3_lookup
+from moejax.papers.l3.layer import L3Layer
 from pallas_kernels import l3_lookup as kernel
 from pallas_kernels import platform
 from tests.helpers import tiny_config

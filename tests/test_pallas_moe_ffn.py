@@ -15,11 +15,11 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch import expert_ffn
+from moejax.moe.dispatch import expert_ffn
 from pallas_kernels import gather_scatter_matmul as gs
 from pallas_kernels import gather_scatter_reference as ref
 from pallas_kernels.group_metadata import make_group_metadata
-from moejax.dispatch.layout import sort_by_expert
+from pallas_kernels.expert_layout import sort_by_expert
 from pallas_kernels.moe_ffn import merge_repeated_experts, moe_ffn
 
 TOL = {jnp.float32: dict(rtol=2e-5, atol=2e-5), jnp.bfloat16: dict(rtol=2e-2, atol=2e-2)}

@@ -20,7 +20,7 @@ from flax import nnx
 
 from moejax import config as config_lib
 from moejax.model import sublayers
-from moejax.model.product_router import GRID_TOPK, product_topk
+from moejax.papers.omnimoe.product_router import GRID_TOPK, product_topk
 from pallas_kernels.product_topk import product_topk_pallas
 from tests import atomic_reference as ref
 from tests.helpers import tiny_config

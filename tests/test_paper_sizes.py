@@ -14,7 +14,7 @@ from experiments import paper_sizes as ps
 from experiments import registry, sweep
 from moejax import data as data_lib
 from moejax.errors import ConfigError
-from moejax.loop_balance import balance_loop
+from moejax.papers.loopmoe.balance import balance_loop
 
 NAMES = ("omnimoe", "mohge", "loopmoe", "l3")
 

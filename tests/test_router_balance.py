@@ -11,7 +11,7 @@ from flax import nnx
 
 from moejax.model import load_balance as lb
 from moejax.model import sublayers
-from moejax.model.router import RouterBias, route
+from moejax.moe.router import RouterBias, route
 from tests import moe_reference as ref
 from tests.helpers import tiny_config
 

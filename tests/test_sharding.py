@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from configs.common import DEFAULT_SHARDING_RULES
+from moejax.config.base import DEFAULT_SHARDING_RULES
 from moejax import sharding
 from moejax.errors import ConfigError
 from moejax.optim import make_optimizer

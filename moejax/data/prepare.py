@@ -18,7 +18,7 @@ def main(argv=None) -> None:
 
   import ml_collections
 
-  from configs.common import base_config
+  from moejax.config.base import base_config
   from moejax.data import check_ready, resolve_data_dir
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   defaults = base_config().data

@@ -34,7 +34,7 @@ def _dense(cfg, layer_index, rngs):
 
 @register("moe")
 def _moe(cfg, layer_index, rngs):
-  from moejax.model.moe import MoE  # pylint: disable=import-outside-toplevel
+  from moejax.moe.layer import MoE  # pylint: disable=import-outside-toplevel
   if layer_index < cfg.moe.first_dense_layers:
     return _dense(cfg, layer_index, rngs)
   return MoE(cfg, layer_index, rngs)
@@ -42,17 +42,17 @@ def _moe(cfg, layer_index, rngs):
 
 @register("omnimoe")
 def _omnimoe(cfg, layer_index, rngs):
-  from moejax.model.omnimoe import OmniMoE  # pylint: disable=import-outside-toplevel
+  from moejax.papers.omnimoe.omnimoe import OmniMoE  # pylint: disable=import-outside-toplevel
   return OmniMoE(cfg, layer_index, rngs)
 
 
 @register("peer")
 def _peer(cfg, layer_index, rngs):
-  from moejax.model.peer import PEER  # pylint: disable=import-outside-toplevel
+  from moejax.papers.omnimoe.peer import PEER  # pylint: disable=import-outside-toplevel
   return PEER(cfg, layer_index, rngs)
 
 
 @register("mohge")
 def _mohge(cfg, layer_index, rngs):
-  from moejax.model.mohge import MoHGE  # pylint: disable=import-outside-toplevel
+  from moejax.papers.mohge.mohge import MoHGE  # pylint: disable=import-outside-toplevel
   return MoHGE(cfg, layer_index, rngs)

@@ -9,9 +9,9 @@ term of the objective), metrics are averaged over layers.
 Two additions change the layer plan:
   * a looped block (cfg.loop, LoopMoE): layers [prefix, prefix + block_layers)
     run loop.iterations times with shared weights (moejax/model/loop.py), their
-    pre-norms modulated by IterAdaLN (moejax/model/iter_adaln.py);
+    pre-norms modulated by IterAdaLN (moejax/papers/loopmoe/iter_adaln.py);
   * L3 lookup layers (cfg.l3): after the decoder layers listed in
-    l3.after_layers, x <- x + L3(x, token ids) (moejax/model/l3.py).
+    l3.after_layers, x <- x + L3(x, token ids) (moejax/papers/l3/layer.py).
 """
 
 import jax
@@ -20,7 +20,7 @@ from flax import nnx
 
 from moejax.model import sublayers
 from moejax.model.attention import Attention
-from moejax.model.iter_adaln import IterAdaLN
+from moejax.papers.loopmoe.iter_adaln import IterAdaLN
 from moejax.model.loop import run_loop
 from moejax.model.norm import RMSNorm
 from moejax.model.params import param, residual_depth
@@ -83,7 +83,7 @@ def combine_aux(per_layer: list[dict], weights: list[float] | None = None) -> di
 class Transformer(nnx.Module):
 
   def __init__(self, cfg, vocab_size: int, rngs: nnx.Rngs, *, l3_counts=None):
-    """l3_counts: rows per token id of the L3 tables (moejax/l3_allocation.py);
+    """l3_counts: rows per token id of the L3 tables (moejax/papers/l3/allocation.py);
     needed when cfg.l3.after_layers is not empty."""
     m, lp = cfg.model, cfg.loop
     pd = jnp.dtype(m.param_dtype)
@@ -99,7 +99,7 @@ class Transformer(nnx.Module):
         for i in range(m.num_layers)])
     self.l3_after = tuple(int(p) for p in cfg.l3.after_layers)
     if self.l3_after:
-      from moejax.model.l3 import L3Layer  # pylint: disable=import-outside-toplevel
+      from moejax.papers.l3.layer import L3Layer  # pylint: disable=import-outside-toplevel
       if l3_counts is None:
         raise ValueError("cfg.l3.after_layers is set: pass l3_counts (rows per token id).")
       self.l3 = nnx.List([L3Layer(cfg, p, l3_counts, rngs) for p in self.l3_after])

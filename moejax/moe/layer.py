@@ -6,8 +6,8 @@
 E routed experts of width `expert_ffn_dim` each (many narrow ones = fine-grained
 experts); `num_shared_experts` always-on experts are one dense SwiGLU of width
 num_shared_experts * expert_ffn_dim (DeepSeekMoE). The routed part runs through
-a dispatch backend (moejax/dispatch), or, when the mesh has an `expert` axis
-larger than one, through expert parallelism (moejax/expert_parallel.py).
+a dispatch backend (moejax/moe/dispatch), or, when the mesh has an `expert` axis
+larger than one, through expert parallelism (moejax/moe/expert_parallel.py).
 
 aux (see load_balance.py for the equations):
   loss/load_balance, loss/router_z   weighted auxiliary losses (global batch)
@@ -23,12 +23,13 @@ import math
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import dispatch, sharding
-from moejax.expert_parallel import expert_parallel_ffn
+from moejax import sharding
+from moejax.moe import dispatch
+from moejax.moe.expert_parallel import expert_parallel_ffn
 from moejax.model import load_balance as lb
 from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.params import param, residual_depth
-from moejax.model.router import Router
+from moejax.moe.router import Router
 
 
 class MoE(nnx.Module):

@@ -25,8 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.dispatch.block_swiglu import varying_zeros
-from moejax.model.atomic_experts import atomic_ffn
+from moejax.moe.dispatch.block_swiglu import varying_zeros
+from moejax.papers.omnimoe.atomic_experts import atomic_ffn
 from moejax.sharding import BATCH_AXES
 
 

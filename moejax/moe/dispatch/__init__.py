@@ -18,11 +18,11 @@ Backends (all equal to a per-token loop in tests, values and gradients):
 
 import jax.numpy as jnp
 
-from moejax.dispatch.auto import resolve_backend
-from moejax.dispatch.capacity import expert_rows_capacity
-from moejax.dispatch.pallas import expert_rows_pallas
-from moejax.dispatch.ragged import expert_rows_ragged
-from moejax.dispatch.sorted_blocks import expert_rows_sorted
+from moejax.moe.dispatch.auto import resolve_backend
+from moejax.moe.dispatch.capacity import expert_rows_capacity
+from moejax.moe.dispatch.pallas import expert_rows_pallas
+from moejax.moe.dispatch.ragged import expert_rows_ragged
+from moejax.moe.dispatch.sorted_blocks import expert_rows_sorted
 from moejax.registry import Registry
 
 # name -> fn(x, expert_idx, combine_weights, w_gate, w_up, w_down, *, block_size,

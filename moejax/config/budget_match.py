@@ -12,7 +12,7 @@ corpus or length can neither fail nor pass the claim by itself.
 import numbers
 
 from moejax import budget as budget_lib
-from moejax.config_files import load_config
+from moejax.config.files import load_config
 from moejax.errors import ConfigError
 
 
@@ -62,7 +62,7 @@ def check_config(cfg, vocab_size: int | None = None) -> dict | None:
     raise ConfigError(
         f"{cfg.name} misses the budget of {bm.reference} by more than "
         f"budget_match.tolerance={bm.tolerance:g} in {listed}; resize the model "
-        f"(moejax.loop_balance.balance_loop sizes a looped MoE), raise the tolerance "
+        f"(moejax.papers.loopmoe.balance.balance_loop sizes a looped MoE), raise the tolerance "
         f"or set budget_match.reference=''.")
   return report
 

@@ -3,7 +3,7 @@
 Used where one config names another (budget_match.reference). The path is
 taken relative to the current directory, else to the repository root (the
 folder holding run.py), so a spec works from any working directory; the root
-goes on sys.path because config files import `configs.common`.
+goes on sys.path because config files import `moejax.config.base`.
 """
 
 import importlib.util

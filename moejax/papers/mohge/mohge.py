@@ -37,15 +37,16 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax import dispatch, sharding
-from moejax.dispatch.sorted_blocks import expert_rows_sorted_groups
-from moejax.expert_parallel import SWIGLU_SPECS, exchange_ffn
+from moejax import sharding
+from moejax.moe import dispatch
+from moejax.moe.dispatch.sorted_blocks import expert_rows_sorted_groups
+from moejax.moe.expert_parallel import SWIGLU_SPECS, exchange_ffn
 from moejax.model import load_balance as lb
-from moejax.model import mohge_balance
+from moejax.papers.mohge import balance as mohge_balance
 from moejax.model.dense_ffn import optional_swiglu
-from moejax.model.group_router import route_groups
+from moejax.papers.mohge.group_router import route_groups
 from moejax.model.params import param, residual_depth
-from moejax.mohge_placement import expert_order
+from moejax.papers.mohge.placement import expert_order
 
 
 def grouped_swiglu(backend: str, tokens, expert_idx, weights, stacks, *, block_size: int):

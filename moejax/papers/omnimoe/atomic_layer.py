@@ -12,9 +12,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax import sharding
-from moejax.atomic_parallel import atomic_expert_parallel
+from moejax.papers.omnimoe.parallel import atomic_expert_parallel
 from moejax.model import load_balance as lb
-from moejax.model.atomic_experts import atomic_ffn
+from moejax.papers.omnimoe.atomic_experts import atomic_ffn
 from moejax.model.params import param
 
 

@@ -15,7 +15,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
 
 
 def capacity(num_pairs: int, num_experts: int, capacity_factor: float) -> int:

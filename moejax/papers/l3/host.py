@@ -49,7 +49,7 @@ import numpy as np
 from flax import nnx
 
 from moejax import sharding
-from moejax.model.l3 import L3Index
+from moejax.papers.l3.layer import L3Index
 from moejax.train import BATCH_KEYS, eval_sums, metrics_from_totals
 
 TABLES = ("keys", "values")

@@ -11,8 +11,8 @@ lowers it well.
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import sort_by_expert
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
+from pallas_kernels.expert_layout import sort_by_expert
 
 
 def expert_rows_ragged(x, expert_idx, combine_weights, w_gate, w_up, w_down):

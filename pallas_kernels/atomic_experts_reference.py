@@ -13,7 +13,7 @@ Three paths compute the same function, values and gradients:
                  the weighted V rows go back to their tokens. The table
                  gradients are scatter-adds over sorted ids (one write run per
                  expert); the token gathers use the inverse permutation in both
-                 directions (dispatch/gather.py), so no token-side scatter.
+                 directions (row_gather.py), so no token-side scatter.
                  On an accelerator this is the order a fused kernel walks
                  (pallas_kernels/); in XLA it only changes memory access order.
   pallas         that fused kernel (pallas_kernels/atomic_experts.py): Triton on
@@ -26,7 +26,7 @@ uses this for pairs whose expert lives on another shard.
 import jax
 import jax.numpy as jnp
 
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
 
 ACTIVATIONS = {"silu": jax.nn.silu, "gelu": jax.nn.gelu}
 
@@ -67,20 +67,3 @@ def atomic_expert_sorted(x, expert_idx, gates, up, down, *, activation: str = "s
   return jnp.sum(per_pair.astype(jnp.float32), axis=1).astype(out_dtype or x.dtype)
 
 
-def atomic_pallas(x, expert_idx, gates, up, down, *, activation: str = "silu", out_dtype=None):
-  """Same contract, as one Pallas kernel per direction (imported on first use:
-  pallas_kernels imports this module for its TPU fallback)."""
-  # pylint: disable-next=import-outside-toplevel
-  from pallas_kernels.atomic_experts import atomic_pallas as kernel
-  return kernel(x, expert_idx, gates, up, down, activation=activation, out_dtype=out_dtype)
-
-
-PATHS = {"gather": atomic_gather, "expert_sorted": atomic_expert_sorted, "pallas": atomic_pallas}
-
-
-def atomic_ffn(path: str, x, expert_idx, gates, up, down, *, activation: str = "silu",
-               out_dtype=None):
-  if path not in PATHS:
-    raise ValueError(f"Unknown atomic expert path {path!r}; choose one of {sorted(PATHS)}.")
-  return PATHS[path](x, expert_idx, gates, up, down, activation=activation,
-                     out_dtype=out_dtype)

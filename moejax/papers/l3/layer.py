@@ -40,8 +40,8 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.errors import ConfigError
-from moejax.l3_parallel import l3_lookup_parallel
-from moejax.model.l3_lookup import lookup, offsets_from_counts
+from moejax.papers.l3.parallel import l3_lookup_parallel
+from moejax.papers.l3.lookup import lookup, offsets_from_counts
 from moejax.model.norm import RMSNorm
 from moejax.model.params import ones_param, param, zeros_param
 from moejax.sharding import LOGICAL_AXES_KEY

@@ -3,7 +3,7 @@
 Every field below can be overridden from the command line, e.g.
 `python run.py --config=configs/dense.py:tiny --config.train.steps=200`.
 Fields are grouped: `model`, `data`, `train`, `mesh`, `sharding`, `checkpoint`,
-`debug`. `moejax/config.py` validates the whole thing before anything is built.
+`debug`. `moejax/config/validation.py` validates the whole thing before anything is built.
 """
 
 import ml_collections
@@ -24,7 +24,7 @@ DEFAULT_SHARDING_RULES = (
     ("mlp", "tensor"),
     ("expert", "expert"),
     ("expert_mlp", "tensor"),
-    ("l3_rows", "expert"),  # L3 lookup tables are split by rows (moejax/l3_parallel.py)
+    ("l3_rows", "expert"),  # L3 lookup tables are split by rows (moejax/papers/l3/parallel.py)
 )
 
 
@@ -51,7 +51,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.model.param_dtype = "float32"
   c.model.init_std = 0.02
 
-  # --- MoE sublayer (model.sublayer = "moe"); see moejax/model/moe.py -------
+  # --- MoE sublayer (model.sublayer = "moe"); see moejax/moe/layer.py -------
   c.moe = ml_collections.ConfigDict()
   c.moe.num_experts = 8
   c.moe.top_k = 2
@@ -72,7 +72,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.moe.first_dense_layers = 0  # the first N blocks keep a dense FFN (DeepSeekMoE)
 
   # --- atomic experts (model.sublayer = "omnimoe" or "peer") ----------------
-  # see moejax/model/omnimoe.py and peer.py
+  # see moejax/papers/omnimoe/omnimoe.py and peer.py
   c.atomic = ml_collections.ConfigDict()
   c.atomic.num_experts = 1024  # N single-neuron experts; a perfect square (sqrt(N) grid)
   c.atomic.top_k = 16  # experts per token (per head for PEER)
@@ -88,7 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.atomic.peer_query_batchnorm = True  # PEER: BatchNorm on the query
 
   # --- heterogeneous grouped experts (model.sublayer = "mohge") -------------
-  # see moejax/model/mohge.py; defaults are the tiny preset's
+  # see moejax/papers/mohge/mohge.py; defaults are the tiny preset's
   c.mohge = ml_collections.ConfigDict()
   c.mohge.group_widths = (28, 44, 60, 76)  # SwiGLU width of each group's experts
   c.mohge.experts_per_group = 4
@@ -118,7 +118,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.loop.adaln_gate = True  # also modulate the sublayer output: h + (1 + alpha) * F(...)
   c.loop.remat = False  # recompute each iteration's activations in the backward pass
 
-  # --- large lookup layers (L3); see moejax/model/l3.py ---------------------
+  # --- large lookup layers (L3); see moejax/papers/l3/layer.py ---------------------
   c.l3 = ml_collections.ConfigDict()
   c.l3.after_layers = ()  # insert an L3 layer after this many decoder layers, e.g. (2,);
                           # counts unique layers (a looped block counts once)
@@ -133,7 +133,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.l3.scale_scores = False  # divide the scores K_t x by sqrt(d_model)
   c.l3.init_std = 0.02  # table rows N(0, std)
   c.l3.host_eval = False  # also run the final evaluation with the tables in host
-                          # memory, shipping each batch's rows (moejax/l3_host.py)
+                          # memory, shipping each batch's rows (moejax/papers/l3/host.py)
 
   # --- budget match: asserted before training --------------------------------
   c.budget_match = ml_collections.ConfigDict()

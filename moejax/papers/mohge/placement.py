@@ -103,7 +103,7 @@ def _last_expert_loads(workdir: str) -> tuple[dict, list]:
 
 
 def main(argv) -> None:
-  """python -m moejax.mohge_placement --workdir=RUN  (or --widths=... for balanced loads)"""
+  """python -m moejax.papers.mohge.placement --workdir=RUN  (or --widths=... for balanced loads)"""
   from absl import flags  # pylint: disable=import-outside-toplevel
   del argv
   f = flags.FLAGS

@@ -91,7 +91,7 @@ def _fit(cfg, vocab_size, e0, f0):
   far = (3 * e0 + 7, 2 * f0 + 5)
   if probe(*far) != [_bilinear(k, *far) for k in coef]:
     raise RuntimeError("model_budget is no longer bilinear in (num_experts, "
-                       "expert_ffn_dim); update moejax/loop_balance.py.")
+                       "expert_ffn_dim); update moejax/papers/loopmoe/balance.py.")
   return dict(zip(_FIT_KEYS, coef))
 
 

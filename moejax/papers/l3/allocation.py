@@ -16,7 +16,7 @@ training stream and are cached beside its token cache:
 The synthetic dataset has no token cache: its allocation is computed in memory
 on every call (300K tokens, well under a second). Pure NumPy; runs on the host.
 
-  python -m moejax.l3_allocation --data_name=stdlib_source --vocab_size=2048 \\
+  python -m moejax.papers.l3.allocation --data_name=stdlib_source --vocab_size=2048 \\
       --rows=16384 --max_rows=32 --method=lzw
 prints the stats and the ids with the most rows.
 """
@@ -348,7 +348,7 @@ def load_or_build(data_cfg, l3_cfg, vocab_size: int) -> np.ndarray:
 def main(argv=None) -> None:
   import argparse
 
-  from configs.common import base_config
+  from moejax.config.base import base_config
   from moejax import data
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   cfg = base_config()

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax.dispatch.block_swiglu import varying_zeros
-from moejax.model.l3_lookup import Partials, finalize, lookup_partials
+from moejax.moe.dispatch.block_swiglu import varying_zeros
+from moejax.papers.l3.lookup import Partials, finalize, lookup_partials
 from moejax.sharding import BATCH_AXES
 
 

@@ -26,8 +26,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from moejax import dispatch
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
+from moejax.moe import dispatch
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
 from moejax.sharding import BATCH_AXES
 
 

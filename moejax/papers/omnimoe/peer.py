@@ -23,11 +23,11 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.batch_norm import TokenBatchNorm
-from moejax.model.atomic_layer import AtomicLayer, atomic_tables
+from moejax.papers.omnimoe.batch_norm import TokenBatchNorm
+from moejax.papers.omnimoe.atomic_layer import AtomicLayer, atomic_tables
 from moejax.model.dense_ffn import optional_swiglu
 from moejax.model.params import param
-from moejax.model.product_router import GRID_TOPK, grid_side
+from moejax.papers.omnimoe.product_router import GRID_TOPK, grid_side
 
 
 class PEER(AtomicLayer):

@@ -11,9 +11,9 @@ Pallas kernels.
 
 import jax.numpy as jnp
 
-from moejax.dispatch.block_swiglu import block_swiglu_ranges, expert_block_ranges
-from moejax.dispatch.gather import dispatch_rows, gather_pairs
-from moejax.dispatch.layout import block_layout
+from moejax.moe.dispatch.block_swiglu import block_swiglu_ranges, expert_block_ranges
+from pallas_kernels.row_gather import dispatch_rows, gather_pairs
+from pallas_kernels.expert_layout import block_layout
 
 
 def auto_block_size(num_pairs: int, num_experts: int) -> int:
