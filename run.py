@@ -18,7 +18,6 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, _HERE)  # configs/ is importable from any working directory
 
 try:
   # ml_collections resolves --config.x.y overrides here, so a misspelt field

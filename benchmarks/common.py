@@ -13,7 +13,8 @@ import json
 import os
 import platform
 import sys
-import time
+
+from moejax.timing import time_once  # noqa: F401  (benchmarks call common.time_once)
 
 
 def cpu_model() -> str:
@@ -99,14 +100,6 @@ def memory_bytes(compiled) -> dict:
   else:
     out["peak"] = None
   return out
-
-
-def time_once(fn, args) -> float:
-  """Seconds of one call of fn(*args), waiting for its outputs."""
-  import jax  # pylint: disable=import-outside-toplevel
-  t0 = time.perf_counter()
-  jax.block_until_ready(fn(*args))
-  return time.perf_counter() - t0
 
 
 def ms(seconds) -> str:

@@ -3,7 +3,7 @@
 Part 1, layer. Forward+backward (jit(value_and_grad) of mean(y^2), gradients
 w.r.t. x and all parameters) of one L3 layer (moejax/papers/l3/layer.py) with
 path=padded and path=sorted, against a dense SwiGLU with the same active
-parameters per token as budget.l3_budget counts them (the max_rows_per_token
+parameters per token as l3_budget (moejax/papers/l3/budget.py) counts them (the max_rows_per_token
 rows a token may read, W_up, W_mix, norms): width w = round(active / (3 d)).
 Token ids are the first eval batch of the embedded corpus (sentencepiece 2048),
 rows are allocated by LZW over its training tokens, as in configs/l3.py:lzw_tiny.
@@ -97,8 +97,8 @@ def _randomize_w_mix(params, seed=0):
 
 def _dense_width(cfg) -> int:
   """SwiGLU width with the L3 layer's active parameters: 3 d w = active."""
-  from moejax import budget
-  active = budget.l3_budget(cfg)["active_params"]
+  from moejax.papers.l3.budget import l3_budget
+  active = l3_budget(cfg)["active_params"]
   return max(1, round(active / (3 * cfg.model.d_model)))
 
 
@@ -189,7 +189,7 @@ def run_host() -> dict:
 
   cfg, vocab = _preset()
   counts = l3_allocation.load_or_build(cfg.data, cfg.l3, vocab)
-  model = Transformer(cfg, vocab, nnx.Rngs(params=cfg.seed), l3_counts=counts)
+  model = Transformer(cfg, vocab, nnx.Rngs(params=cfg.seed), inputs={"l3": counts})
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   params = _randomize_w_mix(params)
   forward = make_forward(graphdef)
@@ -256,7 +256,7 @@ def _layer_md(r) -> list[str]:
       "## 1. L3 layer forward+backward vs a dense SwiGLU of the same active parameters", "",
       "jit(value_and_grad(mean(y^2))) w.r.t. x and all parameters, float32; median of "
       "--repeats interleaved rounds. Dense width w = round(active / (3 d)), active = "
-      "budget.l3_budget's active params (max_rows rows of K and V, W_up, W_mix, norms). "
+      "l3_budget's active params (max_rows rows of K and V, W_up, W_mix, norms). "
       "Token ids: the first eval batch of the corpus; rows: LZW allocation. 'rows read' "
       "is the mean count of the batch's ids (the padded path computes max_rows for every "
       "token). Memory: XLA's plan (peak = argument + output + temp - alias).", "",

@@ -40,12 +40,12 @@ def interleaved_ms(cfgs: dict, *, tokens: int, seed: int, backward: bool = False
                    repeats: int = 9) -> dict:
   """name -> median milliseconds per call of each config's sublayer."""
   import jax  # pylint: disable=import-outside-toplevel
-  from benchmarks import common as bench  # pylint: disable=import-outside-toplevel
+  from moejax.timing import time_once  # pylint: disable=import-outside-toplevel
   fns = {name: _sublayer_fn(cfg, tokens, seed, backward) for name, cfg in cfgs.items()}
   for fn, args in fns.values():  # compile and warm up
     jax.block_until_ready(fn(*args))
   times = {name: [] for name in fns}
   for _ in range(repeats):
     for name, (fn, args) in fns.items():
-      times[name].append(bench.time_once(fn, args))
+      times[name].append(time_once(fn, args))
   return {name: 1e3 * float(np.median(t)) for name, t in times.items()}

@@ -21,7 +21,7 @@ One file per table in experiments/ defines one `Experiment` named EXPERIMENT:
             (e.g. MoHGE's small-group traffic before and after the group loss).
 
 `run.py --experiment=NAME` runs a sweep (experiments/sweep.py);
-`scripts/aggregate.py` turns its runs into tables, verdicts and plots.
+`python -m experiments.report` turns its runs into tables, verdicts and plots.
 """
 
 import dataclasses
@@ -61,7 +61,7 @@ class Claim:
 
   relation: "less" (lower is what the paper claims, e.g. validation loss),
   "greater", or "close" (|difference| <= tolerance: "matches the baseline").
-  Verdicts (scripts/aggregate.py): a difference larger than the noise floor in
+  Verdicts (experiments/report): a difference larger than the noise floor in
   the claimed direction reproduces, in the other direction contradicts, and one
   inside the noise is inconclusive.
   """
@@ -119,13 +119,32 @@ def row_name(row: dict) -> str:
   return f"{row['arm']}_s{row['seed']}"
 
 
+# Experiments defined outside this folder (a new paper's package, a test), by name.
+_REGISTERED: dict[str, Experiment] = {}
+
+
+def register(experiment: Experiment) -> Experiment:
+  """Adds an experiment defined elsewhere; run.py --experiment and --list then see it
+  in any process that imported its module first."""
+  if experiment.name in NAMES or experiment.name in _REGISTERED:
+    raise ValueError(f"Experiment {experiment.name!r} is registered twice.")
+  _REGISTERED[experiment.name] = experiment
+  return experiment
+
+
+def names() -> list[str]:
+  return list(NAMES) + list(_REGISTERED)
+
+
 def get(name: str) -> Experiment:
   """The experiment called `name`, or a ConfigError listing the names."""
+  if name in _REGISTERED:
+    return _REGISTERED[name]
   if name not in NAMES:
-    raise ConfigError(f"Unknown experiment {name!r}; choose one of {list(NAMES)} "
+    raise ConfigError(f"Unknown experiment {name!r}; choose one of {names()} "
                       f"(python run.py --list names them).")
   return importlib.import_module(f"experiments.{name}").EXPERIMENT
 
 
 def all_experiments() -> list[Experiment]:
-  return [get(n) for n in NAMES]
+  return [get(n) for n in names()]

@@ -307,5 +307,5 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
   failed = [r["row"] for r in records if r.get("status") == "failed"]
   say(f"sweep {name}/{scale}: {sum(r.get('status') == 'completed' for r in records)} completed, "
       f"{len(failed)} failed{': ' + ', '.join(failed) if failed else ''}. Aggregate with: "
-      f"python scripts/aggregate.py --experiment={name} --scale={scale} --runs={root}")
+      f"python -m experiments.report --experiment={name} --scale={scale} --runs={root}")
   return records

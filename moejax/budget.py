@@ -12,107 +12,15 @@ Conventions (those of PaLM and MaxText, so MFU numbers compare):
     element a token's rows are gathered into (dispatch) and read back from
     (combine) counts one operation, and the weighted sum over k two, i.e.
     4*k*d per token. They are listed apart ("dispatch") so they can be excluded.
-Each FFN sublayer registers a budget function fn(cfg, layer_index) here under
-its builder's name in moejax/model/sublayers.py; extra keys it returns are
-summed over layers into the breakdown.
+Each FFN sublayer brings a budget function fn(cfg, layer_index) with its
+builder (moejax/model/sublayers.py); extra keys it returns are summed over
+layers into the breakdown. An extension that adds to the layer plan (a
+modulated loop, inserted layers) adds its cost with Extension.budget(cfg).
 """
 
 from moejax import data as data_lib
-from moejax.model.loop import layer_applications
-from moejax.registry import Registry
-
-# name -> fn(cfg, layer_index) -> dict(params=, active_params=, flops_per_token=, ...)
-SUBLAYER_BUDGETS: Registry = Registry("sublayer budget")
-register = SUBLAYER_BUDGETS.register
-
-
-def swiglu_budget(d_model: int, width: int) -> dict:
-  p = 3 * d_model * width
-  return dict(params=p, active_params=p, flops_per_token=2 * p)
-
-
-@register("dense")
-def _dense_budget(cfg, layer_index) -> dict:
-  del layer_index
-  return swiglu_budget(cfg.model.d_model, cfg.model.ffn_dim)
-
-
-@register("moe")
-def _moe_budget(cfg, layer_index) -> dict:
-  e, d = cfg.moe, cfg.model.d_model
-  if layer_index < e.first_dense_layers:
-    return _dense_budget(cfg, layer_index)
-  expert = swiglu_budget(d, e.expert_ffn_dim)
-  shared = swiglu_budget(d, e.num_shared_experts * e.expert_ffn_dim)
-  router = d * e.num_experts
-  router_flops = 2 * router
-  expert_flops = (e.top_k * expert["flops_per_token"] + shared["flops_per_token"])
-  dispatch_ops = 4 * e.top_k * d
-  return dict(
-      params=router + e.num_experts * expert["params"] + shared["params"],
-      active_params=router + e.top_k * expert["params"] + shared["params"],
-      flops_per_token=router_flops + expert_flops + dispatch_ops,
-      router_flops_per_token=router_flops, expert_flops_per_token=expert_flops,
-      dispatch_ops_per_token=dispatch_ops)
-
-
-@register("omnimoe")
-def _omnimoe_budget(cfg, layer_index) -> dict:
-  """Routed part: k dot products and k axpys of length d (4 k d FLOPs), no dispatch
-  copies (expert rows are read, tokens stay); router: two [d, sqrt(N)] matmuls."""
-  del layer_index
-  a, d = cfg.atomic, cfg.model.d_model
-  shared = swiglu_budget(d, a.shared_ffn_dim)
-  router = 2 * d * int(round(a.num_experts ** 0.5))
-  experts = 2 * a.num_experts * d
-  active_experts = 2 * a.top_k * d
-  return dict(params=router + experts + shared["params"],
-              active_params=router + active_experts + shared["params"],
-              flops_per_token=2 * router + 2 * active_experts + shared["flops_per_token"],
-              router_flops_per_token=2 * router,
-              expert_flops_per_token=2 * active_experts + shared["flops_per_token"])
-
-
-@register("peer")
-def _peer_budget(cfg, layer_index) -> dict:
-  """Query projection, every sub-key (each token scores all 2 sqrt(N) of them per
-  head), heads x k atomic experts, and the shared SwiGLU."""
-  del layer_index
-  a, d = cfg.atomic, cfg.model.d_model
-  qdim = a.peer_query_dim or d
-  shared = swiglu_budget(d, a.shared_ffn_dim)
-  query = d * a.peer_heads * qdim
-  keys = int(round(a.num_experts ** 0.5)) * qdim
-  key_flops = 2 * a.peer_heads * keys
-  active_experts = 2 * a.peer_heads * a.top_k * d
-  return dict(params=query + keys + 2 * a.num_experts * d + shared["params"],
-              active_params=query + keys + active_experts + shared["params"],
-              flops_per_token=2 * query + key_flops + 2 * active_experts
-              + shared["flops_per_token"],
-              router_flops_per_token=2 * query + key_flops,
-              expert_flops_per_token=2 * active_experts + shared["flops_per_token"])
-
-
-@register("mohge")
-def _mohge_budget(cfg, layer_index) -> dict:
-  """Active parameters depend on which groups tokens choose: this is the
-  expectation under uniform routing (k experts of the mean width); training logs
-  the batch mean as aux/active_params."""
-  del layer_index
-  h, d = cfg.mohge, cfg.model.d_model
-  widths = tuple(h.group_widths)
-  router = d * (len(widths) + len(widths) * h.experts_per_group)
-  shared = swiglu_budget(d, h.shared_ffn_dim)
-  experts = sum(3 * d * w * h.experts_per_group for w in widths)
-  mean_active = h.top_k * 3 * d * sum(widths) / len(widths)
-  expert_flops = 2 * mean_active + shared["flops_per_token"]
-  dispatch_ops = 4 * h.top_k * d
-  return dict(params=router + experts + shared["params"],
-              active_params=int(router + mean_active + shared["params"]),
-              flops_per_token=int(2 * router + expert_flops + dispatch_ops),
-              router_flops_per_token=2 * router, expert_flops_per_token=int(expert_flops),
-              dispatch_ops_per_token=dispatch_ops)
-
+from moejax import extensions
+from moejax.model import layer_plan, sublayers
 
 def attention_budget(cfg) -> dict:
   m = cfg.model
@@ -121,46 +29,18 @@ def attention_budget(cfg) -> dict:
   return dict(params=proj, active_params=proj, flops_per_token=2 * proj + scores)
 
 
-def iter_adaln_budget(cfg) -> dict:
-  """One IterAdaLN site (a pre-norm of a looped layer): the iteration MLP
-  PE(k) -> a -> a runs once per iteration, not per token, so it costs
-  parameters only; per token, W_h [d, a] and W_mod [a, m*d] (m = 3 with the
-  output gate, else 2) are matmuls."""
-  lp, d = cfg.loop, cfg.model.d_model
-  a, pe = lp.adaln_dim, lp.adaln_pe_dim
-  mods = 3 if lp.adaln_gate else 2
-  per_token = d * a + a * mods * d
-  params = pe * a + a + a * a + a + per_token + mods * d
-  return dict(params=params, active_params=per_token, flops_per_token=2 * per_token)
-
-
-def l3_budget(cfg) -> dict:
-  """One L3 layer. Table rows count as parameters; per token, the rows it reads
-  are active. That number depends on the allocation and the token; the budget
-  counts the cap l3.max_rows_per_token (an upper bound, and what the padded path
-  computes for every token). Per row: a score (2 d) and a weighted value sum (2 e)."""
-  l3, d = cfg.l3, cfg.model.d_model
-  e = d if l3.tie_kv else l3.emb_dim
-  row_width = d if l3.tie_kv else d + e
-  rows_read = l3.max_rows_per_token
-  dense = e * l3.up_dim + (d + l3.up_dim) * d
-  norms = d + 2 * l3.up_dim
-  return dict(params=l3.rows * row_width + dense + norms,
-              active_params=rows_read * row_width + dense + norms,
-              flops_per_token=2 * rows_read * (d + e) + 2 * dense)
-
-
 def model_budget(cfg, vocab_size: int | None = None) -> dict:
   """Totals for the whole decoder; see the module docstring for conventions.
 
   A looped block's parameters count once and its active parameters and FLOPs
   once per iteration. attn_ffn_active_ratio = attention active parameters /
   FFN-sublayer active parameters, both summed over the layers a token passes
-  through (IterAdaLN and L3 belong to neither side and are listed apart)."""
+  through (what extensions add to the plan, e.g. iteration modulators or
+  inserted lookup layers, belongs to neither side and is listed apart)."""
   m = cfg.model
   vocab = vocab_size or data_lib.vocab_size(cfg.data)
-  fn = SUBLAYER_BUDGETS.get(m.sublayer)
-  reps = layer_applications(cfg)
+  fn = sublayers.get(m.sublayer).budget
+  reps = layer_plan.build(cfg).applications()
   per_layer = [fn(cfg, i) for i in range(m.num_layers)]
   ffn = {k: sum(b.get(k, 0) * (r if k != "params" else 1) for b, r in zip(per_layer, reps))
          for b in per_layer for k in b}
@@ -171,19 +51,12 @@ def model_budget(cfg, vocab_size: int | None = None) -> dict:
   unembed = 0 if m.tie_embeddings else vocab * m.d_model
   extra = dict(params=0, active_params=0, flops_per_token=0)
   breakdown = {}
-  if cfg.loop.block_layers > 0 and cfg.loop.iter_adaln:
-    site = iter_adaln_budget(cfg)
-    sites = 2 * cfg.loop.block_layers
-    adaln = dict(params=sites * site["params"],
-                 active_params=sites * cfg.loop.iterations * site["active_params"],
-                 flops_per_token=sites * cfg.loop.iterations * site["flops_per_token"])
-    breakdown.update({f"iter_adaln_{k}": v for k, v in adaln.items()})
-    extra = {k: extra[k] + adaln[k] for k in extra}
-  if len(cfg.l3.after_layers):
-    one = l3_budget(cfg)
-    n = len(cfg.l3.after_layers)
-    breakdown.update({f"l3_{k}": n * v for k, v in one.items()})
-    extra = {k: extra[k] + n * one[k] for k in extra}
+  for ext in extensions.registered():
+    if ext.budget is None:
+      continue
+    added = ext.budget(cfg)  # {} when the config does not use the extension
+    breakdown.update({k: v for k, v in added.items() if k not in extra})
+    extra = {k: extra[k] + added.get(k, 0) for k in extra}
   layers_params = m.num_layers * attn["params"] + ffn["params"] + extra["params"]
   attn_active = depth * attn["active_params"]
   layers_active = attn_active + ffn["active_params"] + extra["active_params"]

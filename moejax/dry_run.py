@@ -27,7 +27,7 @@ def _bytes_per_device(abstract, shardings) -> float:
 
 
 def report(cfg) -> dict:
-  from moejax.train import StateSpec  # heavy import only when needed
+  from moejax.train import StateSpec, model_inputs  # heavy import only when needed
 
   config_lib.validate(cfg, num_devices=jax.device_count(),
                       num_processes=jax.process_count(), check_data=False)
@@ -35,12 +35,9 @@ def report(cfg) -> dict:
   match = budget_match.check_config(cfg, vocab)
   b = budget_lib.model_budget(cfg, vocab)
   mesh = sharding.make_mesh(cfg.mesh)
-  l3_counts = None
-  if cfg.l3.after_layers:  # shapes only: any allocation with the configured rows will do
-    from moejax.papers.l3.allocation import uniform_allocation  # pylint: disable=import-outside-toplevel
-    l3_counts = uniform_allocation(vocab, cfg.l3.rows, cfg.l3.max_rows_per_token)
+  inputs = model_inputs(cfg, vocab, shapes_only=True)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
-    spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train), l3_counts=l3_counts)
+    spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train), inputs=inputs)
   params_bytes = _bytes_per_device(spec.abstract["params"], spec.shardings["params"])
   opt_bytes = _bytes_per_device(spec.abstract["opt_state"], spec.shardings["opt_state"])
   fmt = budget_lib.format_count

@@ -18,6 +18,7 @@ the last checkpoint on disk is always a good one.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
 import os
@@ -27,13 +28,13 @@ from typing import Any, Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from absl import logging
 from flax import nnx
 
 from moejax import budget as budget_lib
+from moejax import extensions
 from moejax.config import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
@@ -75,10 +76,11 @@ def split_aux(aux: dict) -> tuple[jax.Array, dict]:
 class StateSpec:
   """Graph definition, abstract state and shardings of model + optimizer."""
 
-  def __init__(self, cfg, vocab_size: int, mesh, tx, *, l3_counts=None):
+  def __init__(self, cfg, vocab_size: int, mesh, tx, *, inputs: dict | None = None):
+    """inputs: what extensions prepared for their layers (model_inputs)."""
     rules = cfg.sharding.rules
     self.cfg, self.vocab_size, self.mesh, self.tx = cfg, vocab_size, mesh, tx
-    self.l3_counts = l3_counts
+    self.inputs = inputs
     abstract_model = nnx.eval_shape(lambda: self._new_model())
     self.graphdef, abs_params, abs_rest = nnx.split(abstract_model, nnx.Param, ...)
     params_sh = sharding.state_shardings(abs_params, mesh, rules)
@@ -98,7 +100,7 @@ class StateSpec:
 
   def _new_model(self):
     return Transformer(self.cfg, self.vocab_size, nnx.Rngs(params=self.cfg.seed),
-                       l3_counts=self.l3_counts)
+                       inputs=self.inputs)
 
   def init(self) -> dict:
     """A fresh train state, created directly in its shardings."""
@@ -222,29 +224,27 @@ def metrics_from_totals(totals: dict) -> dict:
           "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}
 
 
-def host_table_eval(cfg, spec, state, eval_iter, tokenizer) -> dict:
-  """The final evaluation again with the L3 tables in host memory, shipping each
-  batch's rows (moejax/papers/l3/host.py): its metrics and what it shipped."""
-  from moejax import l3_host  # pylint: disable=import-outside-toplevel
-  # One device holds the rest of the model; the model's sharding constraints
-  # then refer to a one-device mesh.
-  device = jax.devices()[0]
-  one = sharding.make_mesh(ml_collections.ConfigDict(
-      dict(data=1, fsdp=1, expert=1, tensor=1)), devices=[device])
-  with sharding.use_mesh(one, cfg.sharding.rules):
-    host = l3_host.HostTables.from_state(jax.device_put(state["params"], device),
-                                         jax.device_put(state["model_state"], device),
-                                         device=device)
-    metrics, shipped = l3_host.evaluate_with_host_tables(
-        spec.graphdef, host, eval_iter.iter_eval(cfg.train.final_eval_batches or None),
-        tokenizer.bytes_per_token)
-  n = max(len(shipped), 1)
-  return dict(metrics, batches=len(shipped),
-              mean_rows_shipped=sum(s.bucket_rows for s in shipped) / n,
-              mean_fraction=sum(s.fraction for s in shipped) / n,
-              mean_kib=sum(s.bytes for s in shipped) / n / 1024,
-              mean_gather_ms=1e3 * sum(s.gather_s for s in shipped) / n,
-              mean_transfer_ms=1e3 * sum(s.transfer_s for s in shipped) / n)
+def model_inputs(cfg, vocab_size: int, *, shapes_only: bool = False, say=say) -> dict:
+  """{extension name: what it prepares before the model is built} (Extension.model_inputs);
+  with shapes_only, stand-ins of the right shapes (for --dry_run)."""
+  inputs = {}
+  for ext in extensions.registered():
+    if ext.model_inputs is not None:
+      value = ext.model_inputs(cfg, vocab_size, shapes_only=shapes_only, say=say)
+      if value is not None:
+        inputs[ext.name] = value
+  return inputs
+
+
+@dataclasses.dataclass
+class RunContext:
+  """What an extension's final_eval hook may read of a finished run."""
+  spec: StateSpec
+  state: dict
+  eval_iter: Any
+  tokenizer: Any
+  final: dict
+  say: Callable
 
 
 # ----------------------------------------------------------------------------
@@ -331,14 +331,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   vocab_size = tokenizer.vocab_size
   seq_len, global_batch = cfg.data.seq_len, cfg.train.global_batch
 
-  l3_counts = None
-  if cfg.l3.after_layers:
-    from moejax import l3_allocation  # pylint: disable=import-outside-toplevel
-    l3_counts = l3_allocation.load_or_build(cfg.data, cfg.l3, vocab_size)
-    stats = l3_allocation.allocation_stats(l3_counts, max_rows=cfg.l3.max_rows_per_token)
-    say(f"L3 tables: {cfg.l3.rows:,} rows per layer after layers "
-        f"{tuple(cfg.l3.after_layers)}, {cfg.l3.allocation} allocation (rows per token id: "
-        f"min {stats['min_rows']}, mean {stats['mean_rows']:.1f}, max {stats['max_rows']})")
+  inputs = model_inputs(cfg, vocab_size)
 
   # --- budget ---------------------------------------------------------------
   budget = budget_lib.model_budget(cfg, vocab_size)
@@ -354,7 +347,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                         resume_step=latest)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     tx = make_optimizer(cfg.train)
-    spec = StateSpec(cfg, vocab_size, mesh, tx, l3_counts=l3_counts)
+    spec = StateSpec(cfg, vocab_size, mesh, tx, inputs=inputs)
     if spec.num_params != budget["params"]:
       logging.warning("Budget formula (%d params) disagrees with the model (%d).",
                       budget["params"], spec.num_params)
@@ -479,13 +472,11 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                  devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     if status == "completed":
       final.update(run_eval(cfg.train.final_eval_batches))
-      if cfg.l3.after_layers and cfg.l3.host_eval:
-        final["l3_host_eval"] = host_table_eval(cfg, spec, state, eval_iter, tokenizer)
-        say(f"L3 host-table evaluation: loss {final['l3_host_eval']['eval/loss']:.4f} "
-            f"(device tables: {final['eval/loss']:.4f}); per batch "
-            f"{final['l3_host_eval']['mean_rows_shipped']:,.0f} rows shipped = "
-            f"{final['l3_host_eval']['mean_fraction']:.1%} of the tables, "
-            f"{final['l3_host_eval']['mean_kib']:,.0f} KiB")
+      run = RunContext(spec=spec, state=state, eval_iter=eval_iter, tokenizer=tokenizer,
+                       final=final, say=say)
+      for ext in extensions.registered():
+        if ext.final_eval is not None:
+          final.update(ext.final_eval(cfg, run))
       writer.write_scalars(end_step, {k: v for k, v in final.items() if k.startswith("eval/")})
     writer.flush()
     writer.close()

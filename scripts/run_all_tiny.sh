@@ -39,5 +39,5 @@ queue | xargs -P "$PARALLEL" -L 1 sh -c \
 for i in 8 9; do $PY run.py --experiment=omnimoe --sweep_index=$i --scale=tiny --workdir="$ROOT"; done
 $PY run.py --experiment=dispatch --scale=tiny --workdir="$ROOT"
 for name in omnimoe mohge loopmoe l3 all_variants dispatch; do
-  $PY scripts/aggregate.py --experiment=$name --scale=tiny --runs="$ROOT" --out=results/$name
+  $PY -m experiments.report --experiment=$name --scale=tiny --runs="$ROOT" --out=results/$name
 done

@@ -1,11 +1,9 @@
-"""Test setup: 8 fake CPU devices (before JAX starts) and the repo on sys.path."""
+"""Test setup: 8 fake CPU devices, set before JAX starts. The repository root is on
+sys.path through pytest's `pythonpath` setting (setup.cfg), so tests import
+`tests.*`, `configs.*` and `experiments.*` as packages."""
 
 import os
-import sys
 
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                            " --xla_force_host_platform_device_count=8").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if ROOT not in sys.path:
-  sys.path.insert(0, ROOT)

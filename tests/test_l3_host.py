@@ -45,7 +45,7 @@ def _randomize_w_mix(params, seed=1):
 
 
 def _model(path, tie_kv):
-  model = Transformer(_cfg(path, tie_kv), VOCAB, nnx.Rngs(params=0), l3_counts=_counts())
+  model = Transformer(_cfg(path, tie_kv), VOCAB, nnx.Rngs(params=0), inputs={"l3": _counts()})
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   return graphdef, _randomize_w_mix(params), rest
 
@@ -148,7 +148,7 @@ def test_evaluate_with_host_tables_equals_train_evaluate():
   mesh = sharding.make_mesh(cfg.mesh, jax.devices()[:1])
   _, params, rest = _model("sorted", False)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
-    spec = train_lib.StateSpec(cfg, VOCAB, mesh, optax.sgd(0.1), l3_counts=_counts())
+    spec = train_lib.StateSpec(cfg, VOCAB, mesh, optax.sgd(0.1), inputs={"l3": _counts()})
     state = dict(params=params, model_state=rest)
     want = train_lib.evaluate(train_lib.make_eval_step(spec), state, _EvalData(batches),
                               jax.numpy.asarray(bytes_per_token), mesh, 2, 0)

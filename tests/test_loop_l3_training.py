@@ -92,7 +92,7 @@ def test_budget_counts_the_parameters_the_model_has(overrides):
   counts = (l3_allocation.uniform_allocation(vocab, cfg.l3.rows, cfg.l3.max_rows_per_token)
             if cfg.l3.after_layers else None)
   model = nnx.eval_shape(lambda: Transformer(cfg, vocab, nnx.Rngs(params=0),
-                                             l3_counts=counts))
+                                             inputs={"l3": counts}))
   _, params, _ = nnx.split(model, nnx.Param, ...)
   built = sum(math.prod(x.shape) for x in jax.tree.leaves(params))
   assert budget_lib.model_budget(cfg, vocab)["params"] == built
@@ -119,7 +119,7 @@ def _looped_l3_model(**overrides):
   counts = l3_allocation.frequency_allocation(
       np.random.default_rng(0).integers(0, vocab, 5000), vocab, cfg.l3.rows,
       cfg.l3.max_rows_per_token)
-  model = Transformer(cfg, vocab, nnx.Rngs(params=0), l3_counts=counts)
+  model = Transformer(cfg, vocab, nnx.Rngs(params=0), inputs={"l3": counts})
   for i, layer in enumerate(model.l3):
     layer.w_mix[...] = 0.05 * jax.random.normal(jax.random.key(i), layer.w_mix[...].shape)
   return cfg, vocab, model

@@ -14,7 +14,7 @@ def _moe(**overrides):
 @pytest.mark.parametrize("overrides, devices, message", [
     ({"moe.top_k": 9, "moe.num_experts": 8}, 1, "top_k=9 exceeds"),
     ({"moe.backend": "magic"}, 1, "Unknown --config.moe.backend='magic'"),
-    ({"moe.score_fn": "relu"}, 1, "is not 'softmax' or 'sigmoid'"),
+    ({"moe.score_fn": "relu"}, 1, "score_fn='relu' is not one of"),
     ({"moe.num_experts": 6, "mesh.expert": 4, "mesh.data": 2}, 8, "not divisible by the expert"),
     ({"moe.expert_ffn_dim": 15, "mesh.tensor": 2, "mesh.expert": 2, "mesh.data": 2}, 8,
      "expert_ffn_dim=15 is not divisible by the tensor"),

@@ -555,7 +555,7 @@ def test_budget_matches_built_layer(mohge):
   h = cfg.mohge
   layer = nnx.eval_shape(lambda: sublayers.build(cfg, 0, nnx.Rngs(params=0)))
   built = sum(math.prod(v.shape) for v in jax.tree.leaves(nnx.state(layer, nnx.Param)))
-  b = budget.SUBLAYER_BUDGETS.get("mohge")(cfg, 0)
+  b = sublayers.get("mohge").budget(cfg, 0)
   assert b["params"] == built
   num_groups = len(h.group_widths)
   router = D * num_groups * (1 + h.experts_per_group)

@@ -2,17 +2,16 @@
 
 Used where one config names another (budget_match.reference). The path is
 taken relative to the current directory, else to the repository root (the
-folder holding run.py), so a spec works from any working directory; the root
-goes on sys.path because config files import `moejax.config.base`.
+folder holding run.py), so a spec works from any working directory. Presets
+import `configs.*` and `moejax.*`, both installed packages (pip install -e .).
 """
 
 import importlib.util
 import os
-import sys
 
 from moejax.errors import ConfigError
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
 def resolve_path(path: str) -> str | None:
@@ -36,8 +35,6 @@ def load_config(spec: str):
     raise ConfigError(f"Config file {path!r} (from {spec!r}) exists neither under "
                       f"{os.getcwd()} nor under {REPO_ROOT}; give a path like "
                       f"configs/moe.py:mixtral_tiny.")
-  if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)
   name = "_moejax_config_" + "".join(ch if ch.isalnum() else "_" for ch in found)
   module_spec = importlib.util.spec_from_file_location(name, found)
   module = importlib.util.module_from_spec(module_spec)

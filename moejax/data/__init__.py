@@ -8,7 +8,6 @@ The trainer uses only the functions below. Datasets:
 
 from __future__ import annotations
 
-import functools
 import os
 
 from moejax.data import preparation as _prepare
@@ -17,7 +16,7 @@ from moejax.data import synthetic as _synthetic
 from moejax.data import tfds_access
 from moejax.data import token_cache
 from moejax.data.batches import BatchIterator
-from moejax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer, SentencePieceTokenizer
+from moejax.data.tokenizer import BYTE_VOCAB_SIZE, ByteTokenizer
 from moejax.errors import ConfigError
 
 SYNTHETIC = "synthetic"
@@ -99,14 +98,9 @@ def prepare(data_cfg) -> None:
 
 
 def load_tokenizer(data_cfg):
-  if data_cfg.name == SYNTHETIC or data_cfg.tokenizer == "byte":
+  if data_cfg.name == SYNTHETIC:
     return ByteTokenizer()
-  return _load_sentencepiece(_prepare.tokenizer_path(data_cfg, resolve_data_dir(data_cfg)))
-
-
-@functools.lru_cache(maxsize=8)
-def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
-  return SentencePieceTokenizer(path)
+  return _prepare.tokenizer_for(data_cfg, resolve_data_dir(data_cfg))
 
 
 def _stream(data_cfg, split: str):

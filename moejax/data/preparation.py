@@ -8,12 +8,13 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import os
 import time
 
 from moejax.data import tfds_access, token_cache
-from moejax.data.tokenizer import SentencePieceTokenizer, train_sentencepiece
+from moejax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 
 
 def log(msg: str) -> None:
@@ -46,6 +47,18 @@ def tokenizer_path(data_cfg, data_dir: str) -> str:
                       f"{name}-{_version(builder)}{content}-sp{data_cfg.vocab_size}.model")
 
 
+def tokenizer_for(data_cfg, data_dir: str):
+  """The tokenizer of a prepared TFDS dataset: bytes, or its trained sentencepiece."""
+  if data_cfg.tokenizer == "byte":
+    return ByteTokenizer()
+  return _load_sentencepiece(tokenizer_path(data_cfg, data_dir))
+
+
+@functools.lru_cache(maxsize=8)
+def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
+  return SentencePieceTokenizer(path)
+
+
 def cache_path(data_cfg, data_dir: str, tokenizer, split: str) -> str:
   builder = tfds_access.get_builder(data_cfg.name, data_dir)
   d = token_cache.cache_dir(data_dir, data_cfg.name, _version(builder), tokenizer.fingerprint)
@@ -60,7 +73,6 @@ def _corpus_meta(builder) -> dict:
 
 
 def prepare_all(data_cfg, data_dir: str) -> None:
-  from moejax.data import load_tokenizer  # the package's own loader
   with _file_lock(data_dir):
     builder = tfds_access.get_builder(data_cfg.name, data_dir)
     if not tfds_access.is_prepared(builder):
@@ -91,7 +103,7 @@ def prepare_all(data_cfg, data_dir: str) -> None:
                                                    data_cfg.text_key),
                             data_cfg.vocab_size, path)
         log(f"tokenizer ready in {time.time() - start:.1f} s: {path}")
-    tokenizer = load_tokenizer(data_cfg)
+    tokenizer = tokenizer_for(data_cfg, data_dir)
     for split in (data_cfg.train_split, data_cfg.eval_split):
       path = cache_path(data_cfg, data_dir, tokenizer, split)
       if os.path.exists(path) and os.path.exists(path[:-4] + ".json"):

@@ -1,4 +1,4 @@
-"""The looped block of LoopMoE: one stack of decoder layers applied R times.
+"""A looped segment: one stack of decoder layers applied R times with shared weights.
 
     h_0 = output of the prefix layers
     h_{k+1} = Block(h_k; k)      k = 0 .. R-1, the same weights every time
@@ -7,8 +7,8 @@
 The iterations run under `jax.lax.scan` (one compiled body whatever R is; with
 loop.remat each iteration's activations are recomputed in the backward pass,
 so activation memory is that of one iteration plus the R carried states).
-Nothing is re-injected between iterations (papers.md 3.a: LoopMoE does not add
-the prelude state back each time). Model state that the forward pass updates
+Nothing is re-injected between iterations (LoopMoE does not add the prelude
+state back each time: docs/papers/loopmoe.md §a). Model state that the forward pass updates
 (router biases, BatchNorm statistics) is carried from one iteration to the next,
 so iteration k+1 sees the bias iteration k left. Note the asymmetry this makes
 with a Vanilla MoE under aux-loss-free balancing (moe.bias_update_rate > 0): a
@@ -36,16 +36,6 @@ import jax.numpy as jnp
 from flax import nnx
 
 from moejax.model import load_balance as lb
-
-
-def layer_applications(cfg) -> list[int]:
-  """How many times each unique decoder layer runs per token (R inside the loop)."""
-  m, lp = cfg.model, cfg.loop
-  reps = [1] * m.num_layers
-  if lp.block_layers > 0:
-    for i in range(lp.prefix_layers, lp.prefix_layers + lp.block_layers):
-      reps[i] = lp.iterations
-  return reps
 
 
 def _cosine(a, b) -> jax.Array:

@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model.loop import layer_applications
+from moejax.model.layer_plan import layer_applications
 from moejax.sharding import LOGICAL_AXES_KEY
 
 

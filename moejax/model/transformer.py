@@ -6,21 +6,18 @@ The FFN slot holds any sublayer from moejax/model/sublayers.py. Aux outputs of
 all blocks are combined: "loss/*" entries are summed over layers (each is a
 term of the objective), metrics are averaged over layers.
 
-Two additions change the layer plan:
-  * a looped block (cfg.loop, LoopMoE): layers [prefix, prefix + block_layers)
-    run loop.iterations times with shared weights (moejax/model/loop.py), their
-    pre-norms modulated by IterAdaLN (moejax/papers/loopmoe/iter_adaln.py);
-  * L3 lookup layers (cfg.l3): after the decoder layers listed in
-    l3.after_layers, x <- x + L3(x, token ids) (moejax/papers/l3/layer.py).
+The layer plan (moejax/model/layer_plan.py), which extensions may change, adds
+two things: a looped segment of blocks run several times with shared weights
+(moejax/model/loop.py), whose pre-norms a modulator may condition on the
+iteration, and layers inserted between blocks, x <- x + layer(x, token ids).
 """
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from moejax.model import sublayers
+from moejax.model import layer_plan, sublayers
 from moejax.model.attention import Attention
-from moejax.papers.loopmoe.iter_adaln import IterAdaLN
 from moejax.model.loop import run_loop
 from moejax.model.norm import RMSNorm
 from moejax.model.params import param, residual_depth
@@ -32,25 +29,18 @@ def _gated(y, gate):
 
 
 class Block(nnx.Module):
-  """A pre-norm decoder layer; with `iter_adaln`, each pre-norm is modulated by
-  the iteration index and the token's state (IterAdaLN)."""
+  """A pre-norm decoder layer. `modulators(cfg, layer_index)`, if given, returns a
+  module for each pre-norm (attention, FFN), or None, that maps (normed x,
+  loop_index) -> (modulated x, output gate or None)."""
 
-  def __init__(self, cfg, layer_index: int, rngs: nnx.Rngs, *, iter_adaln: bool = False):
+  def __init__(self, cfg, layer_index: int, rngs: nnx.Rngs, *, modulators=None):
     m = cfg.model
     pd = jnp.dtype(m.param_dtype)
     self.attn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
     self.attn = Attention(m, rngs, depth=residual_depth(cfg))
     self.ffn_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
     self.ffn = sublayers.build(cfg, layer_index, rngs)
-    mods = [None, None]
-    if iter_adaln:
-      # Its own random stream, so that adding IterAdaLN leaves every other
-      # initial weight as in the plain loop (a clean Loop Base ablation).
-      lp = cfg.loop
-      keys = jax.random.split(jax.random.fold_in(jax.random.key(cfg.seed), 1_000 + layer_index))
-      mods = [IterAdaLN(m.d_model, lp.adaln_dim, lp.adaln_pe_dim, gate=lp.adaln_gate,
-                        init_std=m.init_std, rngs=nnx.Rngs(params=k), param_dtype=pd)
-              for k in keys]
+    mods = modulators(cfg, layer_index) if modulators is not None else (None, None)
     self.attn_mod = nnx.data(mods[0])
     self.ffn_mod = nnx.data(mods[1])
 
@@ -82,27 +72,33 @@ def combine_aux(per_layer: list[dict], weights: list[float] | None = None) -> di
 
 class Transformer(nnx.Module):
 
-  def __init__(self, cfg, vocab_size: int, rngs: nnx.Rngs, *, l3_counts=None):
-    """l3_counts: rows per token id of the L3 tables (moejax/papers/l3/allocation.py);
-    needed when cfg.l3.after_layers is not empty."""
-    m, lp = cfg.model, cfg.loop
+  def __init__(self, cfg, vocab_size: int, rngs: nnx.Rngs, *, inputs: dict | None = None):
+    """inputs: {extension name: what its model_inputs hook returned} for extensions
+    whose inserted layers need data before they are built (e.g. L3's rows per
+    token id)."""
+    m = cfg.model
+    plan = layer_plan.build(cfg)
+    inputs = inputs or {}
     pd = jnp.dtype(m.param_dtype)
     self.dtype = jnp.dtype(m.compute_dtype)
     self.tie_embeddings = m.tie_embeddings
     self.embed = param(rngs, (vocab_size, m.d_model), ("vocab", "embed"),
                        std=1.0 if not m.tie_embeddings else m.init_std, dtype=pd)
-    self.loop_start = lp.prefix_layers if lp.block_layers > 0 else m.num_layers
-    self.loop_end = self.loop_start + lp.block_layers
-    self.iterations, self.remat = lp.iterations, lp.remat
+    self.loop_start = plan.loop_start if plan.looped else m.num_layers
+    self.loop_end = plan.loop_end if plan.looped else m.num_layers
+    self.iterations, self.remat = plan.iterations, plan.remat
     self.blocks = nnx.List([
-        Block(cfg, i, rngs, iter_adaln=lp.iter_adaln and self.loop_start <= i < self.loop_end)
+        Block(cfg, i, rngs, modulators=plan.modulators
+              if self.loop_start <= i < self.loop_end else None)
         for i in range(m.num_layers)])
-    self.l3_after = tuple(int(p) for p in cfg.l3.after_layers)
-    if self.l3_after:
-      from moejax.papers.l3.layer import L3Layer  # pylint: disable=import-outside-toplevel
-      if l3_counts is None:
-        raise ValueError("cfg.l3.after_layers is set: pass l3_counts (rows per token id).")
-      self.l3 = nnx.List([L3Layer(cfg, p, l3_counts, rngs) for p in self.l3_after])
+    # Inserted layers, held under their extension's name: after layer p, the
+    # layers of every extension that inserts there, in registration order.
+    for ins in plan.inserted:
+      setattr(self, ins.name, nnx.List([ins.build(cfg, p, inputs.get(ins.name), rngs)
+                                        for p in ins.after]))
+    self.inserted_after = tuple(sorted((int(p), k, ins.name, j)
+                                       for k, ins in enumerate(plan.inserted)
+                                       for j, p in enumerate(ins.after)))
     self.final_norm = RMSNorm(m.d_model, eps=m.norm_eps, param_dtype=pd)
     if not m.tie_embeddings:
       self.unembed = param(rngs, (m.d_model, vocab_size), ("embed", "vocab"),
@@ -138,9 +134,9 @@ class Transformer(nnx.Module):
         weights.append(1.0)
         i += 1
       per_layer.append(aux)
-      if i in self.l3_after:
-        y, aux = self.l3[self.l3_after.index(i)](x, token_ids=tokens, loop_index=None,
-                                                 step=step, train=train)
+      for _, _, name, j in (entry for entry in self.inserted_after if entry[0] == i):
+        y, aux = getattr(self, name)[j](x, token_ids=tokens, loop_index=None, step=step,
+                                        train=train)
         x = constrain(x + y.astype(x.dtype), ("batch", "seq", "act_embed"))
         per_layer.append(aux)
         weights.append(1.0)

@@ -58,6 +58,9 @@ class Router(nnx.Module):
                  bias=None if self.bias is None else self.bias[...])
 
 
+SCORE_FNS = ("softmax", "sigmoid")
+
+
 def route(logits, *, top_k: int, score_fn: str, renormalize: bool,
           routed_scaling_factor: float, bias=None) -> Routing:
   """The routing equations of the module docstring, on float32 logits [T, E]."""

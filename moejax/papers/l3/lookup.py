@@ -164,7 +164,7 @@ def _pallas(h, ids, keys, values, offsets, counts, max_rows, row_start, scale):
                                           scale=scale))
 
 
-_PATHS = {"padded": _padded, "sorted": _sorted, "pallas": _pallas}
+PATHS = {"padded": _padded, "sorted": _sorted, "pallas": _pallas}
 
 
 def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, path: str,
@@ -192,11 +192,11 @@ def lookup_partials(h, ids, keys, values, offsets, counts, *, max_rows: int, pat
       and scatter-adds the table gradients atomically; interpret mode off an
       accelerator, and the padded path on TPU.
   """
-  if path not in _PATHS:
-    raise ValueError(f"Unknown L3 lookup path {path!r}; choose one of {sorted(_PATHS)}.")
+  if path not in PATHS:
+    raise ValueError(f"Unknown L3 lookup path {path!r}; choose one of {sorted(PATHS)}.")
   offsets = jnp.asarray(offsets, jnp.int32)
   counts = jnp.asarray(counts, jnp.int32)
-  return _PATHS[path](jnp.asarray(h, jnp.float32), jnp.asarray(ids, jnp.int32), keys, values,
+  return PATHS[path](jnp.asarray(h, jnp.float32), jnp.asarray(ids, jnp.int32), keys, values,
                       offsets, counts, max_rows, jnp.asarray(row_start, jnp.int32),
                       scale)
 

@@ -1,14 +1,19 @@
-"""scripts/aggregate.py on fake run directories: statistics, verdicts, tables, plots."""
+"""experiments/report on fake run directories: statistics, verdicts, tables, plots."""
 
 import json
 import math
+import os
 import subprocess
 import sys
 
 import pytest
 
+from experiments import report
 from experiments.registry import Claim, Experiment
-from scripts import aggregate as agg
+from experiments.report import plots, render, stats
+from moejax import plotting
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 ARMS = ("base", "good", "bad", "near_tie", "solo", "ghost")
 # eval/loss of each completed seed: base 3.1 ± 0.1414, good 2.6 ± 0.1414, bad 3.6 ± 0.1414,
@@ -118,7 +123,7 @@ def fixture_summary(tmp_path_factory):
   tmp_path = tmp_path_factory.mktemp("aggregate")
   runs = make_runs(tmp_path / "runs")
   out = tmp_path / "out"
-  return agg.aggregate(make_experiment(), "tiny", str(runs), str(out), say=lambda _: None), out
+  return report.aggregate(make_experiment(), "tiny", str(runs), str(out), say=lambda _: None), out
 
 
 def test_mean_and_sample_std_match_hand_computation(summary):
@@ -154,34 +159,34 @@ def test_final_json_wins_over_metrics_and_derived_is_added(summary):
 def test_every_verdict_branch(summary):
   s, _ = summary
   got = {c["text"]: c for c in s["claims"]}
-  assert got["good beats base"]["verdict"] == agg.REPRODUCED
+  assert got["good beats base"]["verdict"] == stats.REPRODUCED
   assert got["good beats base"]["d"] == pytest.approx(-0.5)
   assert got["good beats base"]["t"] == pytest.approx(2 * math.sqrt(0.02))
-  assert got["bad beats base"]["verdict"] == agg.CONTRADICTED
-  assert got["near_tie beats base"]["verdict"] == agg.INCONCLUSIVE
+  assert got["bad beats base"]["verdict"] == stats.CONTRADICTED
+  assert got["near_tie beats base"]["verdict"] == stats.INCONCLUSIVE
   assert got["near_tie beats base"]["t"] == pytest.approx(2 * math.sqrt(0.0125))
   # close: |d| + t = 0.2236 exceeds 0.01, and |d| - t is not above it: inside the noise
-  assert got["near_tie matches base"]["verdict"] == agg.INCONCLUSIVE
-  assert got["near_tie roughly matches base"]["verdict"] == agg.REPRODUCED
-  assert got["good matches base"]["verdict"] == agg.CONTRADICTED
-  assert got["solo is below 4"]["verdict"] == agg.ONE_SEED
+  assert got["near_tie matches base"]["verdict"] == stats.INCONCLUSIVE
+  assert got["near_tie roughly matches base"]["verdict"] == stats.REPRODUCED
+  assert got["good matches base"]["verdict"] == stats.CONTRADICTED
+  assert got["solo is below 4"]["verdict"] == stats.ONE_SEED
   assert got["solo is below 4"]["d"] == pytest.approx(-0.7) and got["solo is below 4"]["t"] is None
-  assert got["ghost beats base"]["verdict"] == agg.NOT_RUN
-  assert got["base is above good"]["verdict"] == agg.REPRODUCED
+  assert got["ghost beats base"]["verdict"] == stats.NOT_RUN
+  assert got["base is above good"]["verdict"] == stats.REPRODUCED
   # a claim against a value uses the arm's own std: d = 0.85 - 1.2, t = 2 * 0.0707
   entropy = got["good stays balanced: 100% & more"]
-  assert entropy["verdict"] == agg.CONTRADICTED
+  assert entropy["verdict"] == stats.CONTRADICTED
   assert entropy["t"] == pytest.approx(2 * math.sqrt(0.005))
-  assert got["base logs nothing"]["verdict"] == agg.NO_DATA
+  assert got["base logs nothing"]["verdict"] == stats.NO_DATA
 
 
 def test_greater_inside_noise_is_inconclusive():
-  stats = {"a": dict(rows=2, completed=2, metrics={"m": agg.stat([1.0, 1.2])}),
-           "b": dict(rows=2, completed=2, metrics={"m": agg.stat([1.05, 1.25])})}
-  v = agg.verdict(Claim("a above b", "m", "a", "greater", than_arm="b"), stats)
-  assert v["verdict"] == agg.INCONCLUSIVE and v["d"] == pytest.approx(-0.05)
-  v = agg.verdict(Claim("a above 0.5", "m", "a", "greater", than_value=0.5), stats)
-  assert v["verdict"] == agg.REPRODUCED
+  arm_stats = {"a": dict(rows=2, completed=2, metrics={"m": stats.stat([1.0, 1.2])}),
+               "b": dict(rows=2, completed=2, metrics={"m": stats.stat([1.05, 1.25])})}
+  v = stats.verdict(Claim("a above b", "m", "a", "greater", than_arm="b"), arm_stats)
+  assert v["verdict"] == stats.INCONCLUSIVE and v["d"] == pytest.approx(-0.05)
+  v = stats.verdict(Claim("a above 0.5", "m", "a", "greater", than_value=0.5), arm_stats)
+  assert v["verdict"] == stats.REPRODUCED
 
 
 def test_failed_row_and_reused_row_in_table(summary):
@@ -220,11 +225,18 @@ def test_latex_escapes_specials(summary):
 
 def test_plots_written_when_data_exists(summary):
   s, out = summary
-  assert s["plots"] == list(agg.PLOTS)
-  for name in agg.PLOTS:
+  assert s["plots"] == plots.plot_names()
+  assert {"val_loss.png", "expert_load.png", "group_traffic.png",
+          "l3_entropy.png"} <= set(s["plots"])
+  for name in s["plots"]:
     data = (out / name).read_bytes()
     assert data.startswith(b"\x89PNG") and len(data) > 5000
     assert f"]({name})" in (out / "table.md").read_text()
+  md = (out / "table.md").read_text()
+  for title, name in (("Validation loss", "val_loss.png"), ("Expert load", "expert_load.png"),
+                      ("MoHGE group traffic", "group_traffic.png"),
+                      ("L3 entropy", "l3_entropy.png")):
+    assert f"![{title}]({name})" in md
 
 
 def test_no_plots_without_data(tmp_path):
@@ -232,37 +244,38 @@ def test_no_plots_without_data(tmp_path):
   out = tmp_path / "out"
   out.mkdir()
   (out / "expert_load.png").write_bytes(b"stale")  # from an earlier aggregation
-  s = agg.aggregate(make_experiment(), "tiny", str(runs), str(out), say=lambda _: None)
+  s = report.aggregate(make_experiment(), "tiny", str(runs), str(out), say=lambda _: None)
   assert s["plots"] == []
-  assert not any((out / name).exists() for name in agg.PLOTS)
+  assert not any((out / name).exists() for name in plots.plot_names())
   assert "No plots" in (out / "table.md").read_text()
 
 
 def test_eval_curve_separates_the_final_full_split_evaluation():
-  curve, final = agg.eval_curve(vector_records(0, 3.0))
+  curve, final = plots.eval_curve(vector_records(0, 3.0))
   assert curve == {20: pytest.approx(3.5), 40: pytest.approx(3.0)}
   assert final == (40, 9.9)
 
 
 def test_expert_load_ratio_averages_layers_not_iterations():
   records = vector_records(0, 3.0)
-  keys = agg._prefixed(records, "aux/expert_load/layer_")  # pylint: disable=protected-access
+  keys = plotting.prefixed(records, "aux/expert_load/layer_")
   assert keys == ["aux/expert_load/layer_00", "aux/expert_load/layer_01"]
   # layer_00: 0.4 / 0.25 = 1.6; layer_01: uniform, 1.0
-  assert agg._load_ratio(records[0], keys) == pytest.approx(1.3)  # pylint: disable=protected-access
+  ratio = plots._load_ratio(records[0], keys)  # pylint: disable=protected-access
+  assert ratio == pytest.approx(1.3)
 
 
 def test_format_number():
-  assert agg.format_number("eval/loss", 3.14159) == "3.1416"
-  assert agg.format_number("budget/params", 1049728, integral=True) == "1,049,728"
-  assert agg.format_number("wall_time_s", 249.123) == "249.1"
-  assert agg.format_number("perf/tokens_per_s", 5123.6) == "5,124"
-  assert agg.format_number("x", None) == "—"
+  assert render.format_number("eval/loss", 3.14159) == "3.1416"
+  assert render.format_number("budget/params", 1049728, integral=True) == "1,049,728"
+  assert render.format_number("wall_time_s", 249.123) == "249.1"
+  assert render.format_number("perf/tokens_per_s", 5123.6) == "5,124"
+  assert render.format_number("x", None) == "—"
 
 
 def test_cli_without_runs_says_one_sentence(tmp_path):
-  r = subprocess.run([sys.executable, "scripts/aggregate.py", "--experiment=mohge",
+  r = subprocess.run([sys.executable, "-m", "experiments.report", "--experiment=mohge",
                       f"--runs={tmp_path}"], capture_output=True, text=True, check=False,
-                     cwd=agg._ROOT)  # pylint: disable=protected-access
+                     cwd=ROOT)
   assert r.returncode == 2, r.stderr
   assert "config error: There are no runs in" in r.stderr and "Traceback" not in r.stderr

@@ -1,0 +1,106 @@
+"""Turns an experiment's runs into a table, claim verdicts and plots.
+
+  python -m experiments.report --experiment=mohge --scale=tiny --runs=runs/experiments \
+      --out=results/mohge
+
+Reads <runs>/<experiment>/<scale>/<arm>_s<seed>/ for every row of the sweep
+(the files of the run named by row.json's "reused_from", if any) and writes
+<out>/table.md, <out>/table.tex, <out>/summary.json and, where some completed
+run logged the data, val_loss.png, expert_load.png and each registered paper's
+plots (moejax/extensions.py). A row that failed, is still running or never ran
+is listed with its status and error; it never stops the aggregation.
+
+  runs.py     the rows found on disk and each run's summary
+  stats.py    arm statistics over seeds and the verdict rule
+  render.py   table.md and table.tex
+  plots.py    the figures
+  __main__.py the command line
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+
+from experiments import registry
+from experiments.report import plots, render, runs as run_files, stats
+
+
+def _plain(x):
+  """JSON-ready: numpy scalars to Python, NaN and inf to null, tuples and sets to lists."""
+  if isinstance(x, dict):
+    return {str(k): _plain(v) for k, v in x.items()}
+  if isinstance(x, (list, tuple, set)):
+    return [_plain(v) for v in x]
+  if isinstance(x, (bool, np.bool_)):
+    return bool(x)
+  if isinstance(x, np.integer):
+    return int(x)
+  if isinstance(x, (float, np.floating)):
+    return float(x) if math.isfinite(float(x)) else None
+  return x
+
+
+def default_command(name: str, scale: str, runs: str) -> str:
+  """The run.py command that produces the runs this aggregates."""
+  cmd = f"python run.py --experiment={name} --scale={scale}"
+  if os.path.normpath(runs) != os.path.normpath(run_files.DEFAULT_RUNS):
+    cmd += f" --workdir={runs}"
+  return cmd
+
+
+def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
+              command: str | None = None, say=print) -> dict:
+  """Reads the experiment's runs, writes table.md, table.tex, summary.json and the plots
+  to `out`, and returns the summary."""
+  runs_found = [run_files.load_run(experiment, scale, runs, row)
+                for row in experiment.rows(scale)]
+  arms = list(dict.fromkeys([a for a in experiment.arms if any(r.arm == a for r in runs_found)]
+                            + [r.arm for r in runs_found]))
+  claimed = list(dict.fromkeys(c.metric for c in experiment.claims))
+  metrics = list(dict.fromkeys(list(experiment.columns) + claimed))
+  arm_stats = stats.arm_stats(runs_found, arms, metrics)
+  noise = {}
+  for m in claimed:
+    s, used = stats.pooled_std(arm_stats, m, arms)
+    noise[m] = dict(std=s, arms=used)
+  claims = [stats.verdict(c, arm_stats) for c in experiment.claims]
+  done = [r for r in runs_found if r.completed]
+  env = dict(jax_version=sorted({str(r.summary["jax_version"]) for r in done
+                                 if "jax_version" in r.summary}),
+             devices=sorted({str(r.summary["devices"]) for r in done if "devices" in r.summary}))
+  os.makedirs(out, exist_ok=True)
+  written = plots.write_plots(runs_found, arms, out)
+  summary = dict(
+      experiment=experiment.name, title=experiment.title, paper=experiment.paper, scale=scale,
+      runs=runs, command=command or default_command(experiment.name, scale, runs),
+      aggregate_command=(f"python -m experiments.report --experiment={experiment.name} "
+                         f"--scale={scale} --runs={runs} --out={out}"),
+      environment=env, columns=list(experiment.columns), arms=arms, stats=arm_stats,
+      noise_floor=noise, claims=claims, rule=stats.RULE, notes=experiment.notes, plots=written,
+      warnings=[w for r in runs_found for w in r.warnings],
+      rows=[dict(row=r.name, arm=r.arm, seed=r.seed, status=r.status, error=r.error,
+                 dir=r.dir, reused_from=r.reused_from,
+                 summary={k: v for k, v in r.summary.items() if run_files.is_scalar(v)})
+            for r in runs_found])
+  summary = _plain(summary)
+  paths = [os.path.join(out, n) for n in ("table.md", "table.tex", "summary.json")]
+  with open(paths[0], "w") as f:
+    f.write(render.render_markdown(summary, plots.plot_titles()))
+  with open(paths[1], "w") as f:
+    f.write(render.render_latex(summary))
+  with open(paths[2], "w") as f:
+    json.dump(summary, f, indent=2, allow_nan=False)
+    f.write("\n")
+  bad = [f"{r.name} ({r.status})" for r in runs_found if not r.completed]
+  say(f"{experiment.name}/{scale}: {len(done)} of {len(runs_found)} rows completed"
+      + (f"; not completed: {', '.join(bad)}" if bad else ""))
+  for c in claims:
+    detail = "" if c["d"] is None else f": d = {render.format_number(c['metric'], c['d'])}" + (
+        "" if c["t"] is None else f", t = {render.format_number(c['metric'], c['t'])}")
+    say(f"  [{c['verdict']}] {c['text']}{detail}")
+  for w in summary["warnings"]:
+    say(f"  warning: {w}")
+  say("wrote " + ", ".join(paths + [os.path.join(out, p) for p in written]))
+  return summary

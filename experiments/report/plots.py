@@ -1,0 +1,160 @@
+"""The report's figures: the generic ones (validation loss, expert load) drawn here,
+then each registered extension's own (moejax/extensions.py, `plots`).
+
+Every plot is `fn(runs, arms, path) -> bool` over the protocol of
+moejax/plotting.py, and is written only when some completed run logged its data.
+"""
+
+import os
+
+import numpy as np
+
+from moejax import extensions, plotting
+
+
+def eval_curve(records: list) -> tuple[dict, tuple | None]:
+  """step -> validation loss of the periodic evaluations, and (step, loss) of the final one
+  when it ran on a different number of tokens (train.final_eval_batches, not eval_batches),
+  so that the two are not joined into one curve."""
+  evals = [r for r in records if "eval/loss" in r and "step" in r]
+  final = None
+  if len(evals) >= 2 and evals[-1].get("eval/tokens") != evals[-2].get("eval/tokens"):
+    final = (evals[-1]["step"], evals[-1]["eval/loss"])
+    evals = evals[:-1]
+  return {r["step"]: r["eval/loss"] for r in evals}, final
+
+
+@plotting.titled("Validation loss")
+def plot_val_loss(runs: list, arms, path: str) -> bool:
+  """Validation loss vs step per arm (seed mean; thin lines per seed; training loss dotted;
+  a star for the final evaluation when it covered a different set of tokens)."""
+  groups = plotting.by_arm(runs, arms, lambda r: plotting.series(r.records, "eval/loss"))
+  if not groups:
+    return False
+  plt = plotting.pyplot()
+  fig, ax = plt.subplots(figsize=(7.5, 4.5))
+  shown, any_final = [], False
+  for arm, mine in groups.items():
+    color = plotting.arm_colour(arms, arm)
+    curves = [eval_curve(r.records) for r in mine]
+    for curve, _ in curves:
+      ax.plot(sorted(curve), [curve[t] for t in sorted(curve)], color=color, lw=0.6, alpha=0.35)
+      shown += list(curve.values())
+    steps, mean = plotting.seed_mean([c for c, _ in curves])
+    ax.plot(steps, mean, color=color, lw=2, marker="o", ms=3, label=f"{arm} (n={len(mine)})")
+    finals = [f for _, f in curves if f is not None]
+    if finals:
+      any_final = True
+      values = [v for _, v in finals]
+      ax.plot([max(s for s, _ in finals)], [float(np.mean(values))], color=color, marker="*",
+              ms=11, ls="none")
+      shown += values
+    steps, mean = plotting.seed_mean([plotting.series(r.records, "loss") for r in mine])
+    ax.plot(steps, mean, color=color, lw=0.8, alpha=0.3, ls=":")
+  lo, hi = min(shown), max(shown)
+  pad = max(hi - lo, 1e-3) * 0.3
+  ax.set_ylim(lo - pad, hi + pad)  # early training loss is far above; it may leave the frame
+  ax.set_xlabel("step")
+  ax.set_ylabel("loss (nats/token)")
+  ax.set_title("Validation loss (seed mean; thin: seeds; dotted: training loss"
+               + ("; star: final evaluation, on more batches than the curve" if any_final else "")
+               + ")",
+               fontsize=9)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  plotting.save(plt, fig, path)
+  return True
+
+
+def _load_ratio(record: dict, keys: list) -> float | None:
+  """max/mean of each layer's load vector, averaged over layers."""
+  ratios = []
+  for k in keys:
+    if k in record:
+      v = np.ravel(np.asarray(record[k], dtype=float))
+      if v.size and np.mean(v) > 0:
+        ratios.append(float(np.max(v) / np.mean(v)))
+  return float(np.mean(ratios)) if ratios else None
+
+
+@plotting.titled("Expert load")
+def plot_expert_load(runs: list, arms, path: str) -> bool:
+  """Max/mean expert load vs step per arm, and one layer's per-expert share over steps."""
+  prefix = "aux/expert_load/layer_"
+  groups = plotting.by_arm(runs, arms, lambda r: plotting.prefixed(r.records, prefix))
+  if not groups:
+    return False
+  plt = plotting.pyplot()
+  fig, (ax, hax) = plt.subplots(2, 1, figsize=(7.5, 7.5))
+  for arm, mine in groups.items():
+    color = plotting.arm_colour(arms, arm)
+    per_seed = []
+    for r in mine:
+      keys = plotting.prefixed(r.records, prefix)
+      per_seed.append({rec["step"]: v for rec in r.records if "step" in rec
+                       for v in [_load_ratio(rec, keys)] if v is not None})
+    steps, mean = plotting.seed_mean(per_seed)
+    ax.plot(steps, mean, color=color, lw=1.8, label=f"{arm} (n={len(mine)})")
+  ax.axhline(1.0, color="gray", lw=0.8, ls="--")
+  ax.set_xlabel("step")
+  ax.set_ylabel("max / mean expert load")
+  ax.set_title("Expert load imbalance (averaged over layers; 1 = uniform)", fontsize=10)
+  ax.legend(fontsize=8)
+  ax.grid(alpha=0.3)
+  arm, mine = next(iter(groups.items()))
+  run = plotting.first_seed(mine)
+  key = plotting.prefixed(run.records, prefix)[0]
+  rows = [(rec["step"], np.ravel(np.asarray(rec[key], dtype=float)))
+          for rec in run.records if key in rec and "step" in rec]
+  if len({v.size for _, v in rows}) == 1:
+    share = np.stack([v / v.sum() if v.sum() > 0 else v for _, v in rows], axis=1)
+    steps = [s for s, _ in rows]
+    im = hax.imshow(share, aspect="auto", origin="lower", cmap="viridis", interpolation="nearest",
+                    extent=(steps[0] - 0.5, steps[-1] + 0.5, -0.5, share.shape[0] - 0.5))
+    fig.colorbar(im, ax=hax, label="share of routed tokens")
+    hax.set_xlabel("step")
+    hax.set_ylabel("expert")
+    hax.set_title(f"Per-expert share, {arm} seed {run.seed}, {key.rsplit('/', 1)[-1]}",
+                  fontsize=10)
+  else:
+    hax.set_axis_off()
+  plotting.save(plt, fig, path)
+  return True
+
+
+GENERIC = {"val_loss.png": plot_val_loss, "expert_load.png": plot_expert_load}
+
+
+def makers() -> dict:
+  """file name -> plot function: the generic plots, then every extension's in
+  registration order."""
+  out = dict(GENERIC)
+  for ext in extensions.registered():
+    for file_name, fn in ext.plots.items():
+      if file_name in out:
+        raise ValueError(f"Extension {ext.name!r}: plot file {file_name!r} is taken.")
+      out[file_name] = fn
+  return out
+
+
+def plot_names() -> list[str]:
+  """Every file name a report may write a plot to."""
+  return list(makers())
+
+
+def plot_titles() -> dict:
+  """file name -> the title table.md shows for it (plotting.titled), else the file name."""
+  return {name: getattr(fn, "title", name) for name, fn in makers().items()}
+
+
+def write_plots(runs: list, arms, out: str) -> list[str]:
+  """Removes the plots an earlier report left in `out`, then writes each plot whose
+  data some completed run logged; returns the file names written."""
+  written = []
+  for name, make in makers().items():
+    path = os.path.join(out, name)
+    if os.path.exists(path):  # a plot whose data is gone would mislead
+      os.remove(path)
+    if make(runs, arms, path):
+      written.append(name)
+  return written

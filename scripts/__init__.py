@@ -1,1 +1,0 @@
-"""Command-line tools run from the repository root (scripts/aggregate.py, ...)."""
