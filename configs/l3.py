@@ -4,7 +4,7 @@
   python run.py --config=configs/l3.py:uniform_tiny
   python run.py --config=configs/l3.py:lzw_tiny --config.l3.path=sorted
 
-arms (papers.md section 4: L3 should beat dense at equal active parameters, and
+arms (docs/papers/l3.md: L3 should beat dense at equal active parameters, and
 LZW allocation should beat uniform allocation by a wide margin):
   dense      configs/dense.py at the same size (the reference)
   lzw        one L3 layer after decoder layer 2 (the middle), rows allocated by

@@ -5,7 +5,7 @@
   python run.py --config=configs/loopmoe.py:loopmoe_tiny
   python run.py --config=configs/loopmoe.py:loopmoe_tiny --dry_run   # the budget match
 
-arms (papers.md section 3):
+arms (docs/papers/loopmoe.md):
   vanilla   a top-2 MoE (configs/moe.py:mixtral_<size>) of the full depth
   loopbase  prefix + one block looped R times + suffix at the same effective
             depth, no IterAdaLN; experts resized by moejax/papers/loopmoe/balance.py so
@@ -21,8 +21,8 @@ sizes:
   tiny   d 128; vanilla 8 layers x 8 experts (width 192, top-2); loops: 1 prefix
          + 2 layers x 3 iterations + 1 suffix (4 unique layers), 17 experts of
          width 189. CPU, minutes.
-  small  d 512; vanilla 12 layers x 8 experts (width 768, top-2), papers.md's
-         one-GPU plan; loops: 3 + 3 x 2 + 3 (9 unique layers), 11 experts of
+  small  d 512; vanilla 12 layers x 8 experts (width 768, top-2), the one-GPU
+         plan of docs/papers/loopmoe.md §f; loops: 3 + 3 x 2 + 3 (9 unique layers), 11 experts of
          width 764. (A 2 + 4 x 2 + 2 plan cannot match: one expert more or less
          moves the total by 7.5%.)
 The balanced expert counts (17, 11) are prime: for expert parallelism

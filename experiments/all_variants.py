@@ -40,7 +40,7 @@ def sweep(scale: str) -> list[dict]:
 EXPERIMENT = Experiment(
     name="all_variants",
     title="every sublayer at equal active params",
-    paper="papers.md section 5",
+    paper="docs/papers/harness.md §d",
     sweep=sweep,
     scales=("tiny", "small"),
     columns=("eval/loss", "eval/bits_per_byte", "budget/params", "budget/active_params",

@@ -1,4 +1,4 @@
-"""L3 (papers.md section 4): large lookup layers against dense and an MoE of equal total params.
+"""L3 (docs/papers/l3.md): large lookup layers against dense and an MoE of equal total params.
 
 Arms:
   dense    configs/dense.py
@@ -36,7 +36,7 @@ def sweep(scale: str) -> list[dict]:
 EXPERIMENT = Experiment(
     name="l3",
     title="dense vs L3 (LZW) vs L3 (uniform) vs an MoE of equal total params",
-    paper="papers.md section 4",
+    paper="docs/papers/l3.md",
     sweep=sweep,
     columns=("eval/loss", "eval/bits_per_byte", "budget/params", "budget/active_params",
              "aux/l3_entropy_norm/after_02", "wall_time_s"),

@@ -1,4 +1,4 @@
-"""LoopMoE (papers.md section 3): a looped MoE block against a vanilla MoE of equal budget.
+"""LoopMoE (docs/papers/loopmoe.md): a looped MoE block against a vanilla MoE of equal budget.
 
 Arms, at identical total params, forward FLOPs/token and attention:FFN active
 ratio (each within 1% of vanilla, asserted before training):
@@ -11,7 +11,7 @@ ratio (each within 1% of vanilla, asserted before training):
 
 Claims checked: LoopMoE beats vanilla; IterAdaLN helps (LoopMoE beats Loop
 Base); consecutive-iteration cosine similarity rises with the iteration
-(cos(h_R, h_R-1) > cos(h_2, h_1), the diagnostic papers.md 3.d asks for).
+(cos(h_R, h_R-1) > cos(h_2, h_1), the diagnostic docs/papers/loopmoe.md §d asks for).
 """
 
 from experiments import common, paper_sizes
@@ -47,7 +47,7 @@ def derived(records: list, config: dict) -> dict:
 EXPERIMENT = Experiment(
     name="loopmoe",
     title="Vanilla MoE vs Loop Base vs LoopMoE at identical params, FLOPs and attention:FFN",
-    paper="papers.md section 3",
+    paper="docs/papers/loopmoe.md",
     sweep=sweep,
     columns=("eval/loss", "eval/bits_per_byte", "budget/params",
              "budget/forward_flops_per_token", "budget/attn_ffn_active_ratio",

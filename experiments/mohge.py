@@ -1,4 +1,4 @@
-"""MoHGE (papers.md section 2): heterogeneous expert groups against a homogeneous MoE.
+"""MoHGE (docs/papers/mohge.md): heterogeneous expert groups against a homogeneous MoE.
 
 Arms:
   dense        configs/dense.py (active params matched by the baseline within 1%)
@@ -84,7 +84,7 @@ def derived(records: list, cfg: dict) -> dict:
 EXPERIMENT = Experiment(
     name="mohge",
     title="MoHGE vs homogeneous MoE (~20% fewer routed params) vs dense",
-    paper="papers.md section 2",
+    paper="docs/papers/mohge.md",
     sweep=sweep,
     columns=("eval/loss", "eval/bits_per_byte", "budget/params", "budget/active_params",
              "traffic/small_groups_before", "traffic/small_groups_after",

@@ -1,4 +1,4 @@
-"""OmniMoE (papers.md section 1): atomic experts against coarse and fine-grained baselines.
+"""OmniMoE (docs/papers/omnimoe.md): atomic experts against coarse and fine-grained baselines.
 
 Arms at equal active parameters per token (asserted within 1% before training):
   dense     configs/dense.py, the SwiGLU every other arm replaces
@@ -51,7 +51,7 @@ def measure_latency(row: dict, cfg, workdir: str, scale: str, settings: dict) ->
 EXPERIMENT = Experiment(
     name="omnimoe",
     title="OmniMoE vs DeepSeekMoE-style vs PEER vs dense at equal active params",
-    paper="papers.md section 1",
+    paper="docs/papers/omnimoe.md",
     sweep=sweep,
     columns=("eval/loss", "eval/bits_per_byte", "aux/load_entropy", "aux/load_max_over_mean",
              "budget/params", "budget/active_params", "wall_time_s",

@@ -8,7 +8,7 @@ papers report, asserted by `python run.py --experiment=NAME --scale=paper
 Counting is moejax/budget.py's: "active" leaves out an untied input embedding
 (a lookup multiplies nothing) but counts the unembedding.
 
-What the papers fix and what is our choice (papers.md sections in brackets):
+What the papers fix and what is our choice (docs/papers/<paper>.md sections in brackets):
 
 OmniMoE [1.c]: only "1.7B active" is reported. The README example (hidden 1024,
   shared SwiGLU 4096, N = 4096, k = 16) would need ~97 layers to reach 1.7B, so
@@ -47,7 +47,7 @@ L3 [4.c, 4.d]: the 809M dense model fits a Llama-3 vocabulary (128,256), untied,
   SwiGLU 6144 (809.3M). The L3 arms add 2 layers (after layers 4 and 8, ours)
   of v = 710,000 rows, cap k = 512, untied K/V. The value width d_emb is not
   reported: 112 makes the total 3.14B (paper 3.1B; rows x (1536 + 112) =
-  1.17B a table, the ~1.6K params a row papers.md infers); d_up = 1536 (ours).
+  1.17B a table, the ~1.6K params a row inferred in docs/papers/l3.md §c); d_up = 1536 (ours).
   Their SwiGLU narrows to 5856 so active params match dense (-0.7%, the
   paper's 803M vs 809M is -0.7% too). The paper counts the input embedding as
   active (its dense model has active = total = 809M) and moejax.budget does
@@ -58,7 +58,7 @@ L3 [4.c, 4.d]: the 809M dense model fits a Llama-3 vocabulary (128,256), untied,
 
 from experiments.registry import Target
 
-# --- OmniMoE (papers.md section 1) --------------------------------------------
+# --- OmniMoE (docs/papers/omnimoe.md) --------------------------------------------
 
 _OMNI_TRUNK = {
     "model.d_model": 2048, "model.num_layers": 24, "model.num_heads": 32,
@@ -76,10 +76,10 @@ OMNIMOE = {
 }
 OMNIMOE_TARGETS = (
     Target("omnimoe", "paper", "active_params", 1.7e9,
-           "papers.md 1.c/1.d [ABS]: the headline model has 1.7B active params"),
+           "docs/papers/omnimoe.md §c/§d [ABS]: the headline model has 1.7B active params"),
 )
 
-# --- MoHGE (papers.md section 2) ----------------------------------------------
+# --- MoHGE (docs/papers/mohge.md) ----------------------------------------------
 
 MOHGE_WIDTHS = (384, 512, 640, 768, 896, 1024, 1152, 1280)  # mean 832
 MOHGE_BASELINE_WIDTH = 1024
@@ -104,7 +104,7 @@ MOHGE = {
 # ratio is checked in tests/test_paper_sizes.py.
 MOHGE_TARGETS = ()
 
-# --- LoopMoE (papers.md section 3) --------------------------------------------
+# --- LoopMoE (docs/papers/loopmoe.md) --------------------------------------------
 
 _LOOP_TRUNK = {
     "model.d_model": 2048, "model.num_heads": 16, "model.num_kv_heads": 8,
@@ -131,12 +131,12 @@ def _looped(arm: str) -> dict:
 LOOPMOE = {"vanilla": LOOP_VANILLA, "loopbase": _looped("loopbase"),
            "loopmoe": _looped("loopmoe"),
            "loopmoe_nogate": _looped("loopmoe")}  # the experiment turns the gate off
-_LOOP_SOURCE = ("papers.md 3.c [ABS]: '3B' (total or active unknown; we take total); a "
-                "one-digit label, so 10%")
+_LOOP_SOURCE = ("docs/papers/loopmoe.md §c [ABS]: '3B' (total or active unknown; we take "
+                "total); a one-digit label, so 10%")
 LOOPMOE_TARGETS = tuple(Target(arm, "paper", "params", 3e9, _LOOP_SOURCE, 0.10)
                         for arm in ("vanilla", "loopbase", "loopmoe"))
 
-# --- L3 (papers.md section 4) -------------------------------------------------
+# --- L3 (docs/papers/l3.md) -------------------------------------------------
 
 L3_VOCAB, L3_D = 128_256, 1536
 L3_INPUT_EMBEDDING = L3_VOCAB * L3_D  # counted as active by the paper, not by moejax.budget
@@ -156,7 +156,7 @@ L3 = {
     "uniform": {**_L3_TRUNK, **_L3_LAYERS},
     "moe": {**_L3_TRUNK, "moe.num_experts": 16, "moe.top_k": 2, "moe.expert_ffn_dim": 3040},
 }
-_TABLE = "papers.md 4.d [2ND] main table"
+_TABLE = "docs/papers/l3.md §d [2ND] main table"
 _LESS_EMBEDDING = (", less the untied input embedding (128,256 x 1,536) the paper counts as "
                    "active and moejax.budget does not")
 L3_TARGETS = (
@@ -167,5 +167,5 @@ L3_TARGETS = (
     Target("lzw", "paper", "active_params", 803e6 - L3_INPUT_EMBEDDING,
            f"{_TABLE}: 2 L3 layers, 803M active{_LESS_EMBEDDING}"),
     Target("uniform", "paper", "params", 3.1e9,
-           "papers.md 4.d [2ND] ablation: the 3.1B model with uniform allocation"),
+           "docs/papers/l3.md §d [2ND] ablation: the 3.1B model with uniform allocation"),
 )

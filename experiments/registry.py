@@ -51,7 +51,7 @@ class Target:
   scale: str
   quantity: str  # a moejax/budget.py key: "params", "active_params", ...
   value: float
-  source: str  # where the number comes from (papers.md section)
+  source: str  # where the number comes from (docs/papers/<paper>.md section)
   tolerance: float = 0.05
 
 
@@ -65,7 +65,7 @@ class Claim:
   the claimed direction reproduces, in the other direction contradicts, and one
   inside the noise is inconclusive.
   """
-  text: str  # the paper's words or number, with its source in papers.md
+  text: str  # the paper's words or number, with its source in docs/papers/
   metric: str
   arm: str
   relation: str  # "less", "greater" or "close"
@@ -84,7 +84,7 @@ class Claim:
 class Experiment:
   name: str
   title: str
-  paper: str  # the papers.md section it reproduces
+  paper: str  # the docs/papers/ notes and section it reproduces
   sweep: Callable[[str], list]
   columns: tuple[str, ...]
   claims: tuple[Claim, ...] = ()

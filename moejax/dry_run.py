@@ -35,7 +35,7 @@ def report(cfg) -> dict:
   match = budget_match.check_config(cfg, vocab)
   b = budget_lib.model_budget(cfg, vocab)
   mesh = sharding.make_mesh(cfg.mesh)
-  inputs = model_inputs(cfg, vocab, shapes_only=True)
+  inputs = model_inputs(cfg, None, vocab, shapes_only=True)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train), inputs=inputs)
   params_bytes = _bytes_per_device(spec.abstract["params"], spec.shardings["params"])

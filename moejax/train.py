@@ -224,13 +224,14 @@ def metrics_from_totals(totals: dict) -> dict:
           "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}
 
 
-def model_inputs(cfg, vocab_size: int, *, shapes_only: bool = False, say=say) -> dict:
-  """{extension name: what it prepares before the model is built} (Extension.model_inputs);
-  with shapes_only, stand-ins of the right shapes (for --dry_run)."""
+def model_inputs(cfg, data, vocab_size: int, *, shapes_only: bool = False, say=say) -> dict:
+  """{extension name: what it prepares before the model is built} (Extension.model_inputs),
+  from the run's RunData; with shapes_only (data None), stand-ins of the right
+  shapes (for --dry_run)."""
   inputs = {}
   for ext in extensions.registered():
     if ext.model_inputs is not None:
-      value = ext.model_inputs(cfg, vocab_size, shapes_only=shapes_only, say=say)
+      value = ext.model_inputs(cfg, data, vocab_size, shapes_only=shapes_only, say=say)
       if value is not None:
         inputs[ext.name] = value
   return inputs
@@ -242,7 +243,7 @@ class RunContext:
   spec: StateSpec
   state: dict
   eval_iter: Any
-  tokenizer: Any
+  data: data_lib.RunData
   final: dict
   say: Callable
 
@@ -323,15 +324,14 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     write_json(os.path.join(workdir, "config.json"), cfg_dict)
 
   # --- data -----------------------------------------------------------------
-  data_lib.prepare(cfg.data)
-  tokenizer = data_lib.load_tokenizer(cfg.data)
-  dataset_info = data_lib.dataset_info(cfg.data)
+  data = data_lib.RunData.prepare(cfg.data)
+  tokenizer, dataset_info = data.tokenizer, data.info
   if saved_meta is not None:
     config_lib.check_same_data(saved_meta.get("dataset", {}), dataset_info, workdir)
   vocab_size = tokenizer.vocab_size
   seq_len, global_batch = cfg.data.seq_len, cfg.train.global_batch
 
-  inputs = model_inputs(cfg, vocab_size)
+  inputs = model_inputs(cfg, data, vocab_size)
 
   # --- budget ---------------------------------------------------------------
   budget = budget_lib.model_budget(cfg, vocab_size)
@@ -339,10 +339,10 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
 
   mesh = sharding.make_mesh(cfg.mesh)
   rows = sharding.process_batch_rows(mesh, global_batch)
-  train_iter = data_lib.make_train_iterator(
-      cfg.data, seq_len=seq_len, global_batch=global_batch, seed=cfg.seed, rows=rows)
-  eval_iter = data_lib.make_eval_iterator(
-      cfg.data, seq_len=seq_len, global_batch=global_batch, rows=rows)
+  train_iter = data.train_iterator(
+      seq_len=seq_len, global_batch=global_batch, seed=cfg.seed, rows=rows)
+  eval_iter = data.eval_iterator(
+      seq_len=seq_len, global_batch=global_batch, rows=rows)
   writer = MetricWriter(workdir, tensorboard=cfg.debug.tensorboard,
                         resume_step=latest)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
@@ -472,7 +472,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
                  devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
     if status == "completed":
       final.update(run_eval(cfg.train.final_eval_batches))
-      run = RunContext(spec=spec, state=state, eval_iter=eval_iter, tokenizer=tokenizer,
+      run = RunContext(spec=spec, state=state, eval_iter=eval_iter, data=data,
                        final=final, say=say)
       for ext in extensions.registered():
         if ext.final_eval is not None:

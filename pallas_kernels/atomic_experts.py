@@ -39,7 +39,7 @@ accumulate; a per-pair DMA loop would be slower than XLA's gathers.
 d is padded to a power of two for Triton (a copy of x and the tables when it
 is not one already).
 
-Inside jax.shard_map (atomic_parallel.py) the outputs are declared varying
+Inside jax.shard_map (moejax/papers/omnimoe/parallel.py) the outputs are declared varying
 over the inputs' manual axes, as check_vma asks. Interpret mode there needs
 check_vma=False: JAX's HLO interpreter indexes the (varying) refs with the
 (unvarying) program id and refuses the mix.

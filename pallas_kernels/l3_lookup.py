@@ -213,7 +213,7 @@ def _varying_zeros(shape, dtype, like):
 
 def _out_struct(shape, dtype, like):
   """A pallas_call out_shape varying like `like`: pallas_call needs that type
-  inside a checked shard_map (l3_parallel.py), and eval_shape fills in the
+  inside a checked shard_map (moejax/papers/l3/parallel.py), and eval_shape fills in the
   field, whose name JAX has changed between versions."""
   return jax.eval_shape(lambda: _varying_zeros(shape, dtype, like))
 

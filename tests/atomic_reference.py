@@ -5,7 +5,7 @@ product-key router, the atomic expert paths and the OmniMoE / PEER layers are
 checked against. They loop over tokens, grid cells and selected experts in
 Python, so keep the shapes small.
 
-OmniMoE (Shi et al., papers.md section 1.a), per token x, n = sqrt(N):
+OmniMoE (Shi et al., docs/papers/omnimoe.md §a), per token x, n = sqrt(N):
     a = BN(x W_x), b = BN(x W_y)         BatchNorm without affine over the tokens:
                                           biased batch variance, eps (train) or the
                                           running statistics (eval)

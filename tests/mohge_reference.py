@@ -1,4 +1,4 @@
-"""Naive MoHGE references written from papers.md §2.a-2.b (tests only).
+"""Naive MoHGE references written from docs/papers/mohge.md §a-§b (tests only).
 
 Nothing here imports moejax. Every function loops over tokens (and over the
 chosen experts) in numpy float64, so keep the shapes small.

@@ -1,4 +1,4 @@
-"""Atomic expert parallelism (atomic_parallel.py) equals the single-device layer.
+"""Atomic expert parallelism (parallel.py) equals the single-device layer.
 
 On 8 fake CPU devices: the OmniMoE layer on meshes (data=2, expert=4),
 (fsdp=2, expert=4) and (data=2, expert=2, tensor=2), both expert paths on one

@@ -74,7 +74,7 @@ def test_byte_tokenizer_round_trips_and_counts_bytes():
 
 def test_token_cache_is_the_tokenized_documents(prepared):
   tok = data.load_tokenizer(prepared)
-  stream = data._stream(prepared, "validation")
+  stream = data.RunData(prepared).stream("validation")
   builder = data.tfds_access.get_builder(prepared.name, data.resolve_data_dir(prepared))
   texts = [ex["text"].decode() for ex in builder.as_data_source(split="validation")]
   want = [x for t in texts for x in [tok.bos_id, *tok.encode(t)]]

@@ -31,7 +31,7 @@ def naive_lzw(tokens, vocab_size):
 
 
 def naive_walk(book, vocab_size, rows, max_rows):
-  """papers.md 4.c: keep codewords by uses (then shorter, then older) under the cap."""
+  """docs/papers/l3.md §c: keep codewords by uses (then shorter, then older) under the cap."""
   d = [1] * vocab_size
   order = sorted((w for w in book if len(w) > 1 and book[w] > 0),
                  key=lambda w: (-book[w], len(w), list(book).index(w)))
@@ -233,7 +233,7 @@ def test_load_or_build_synthetic_is_computed_in_memory(tmp_path):
                        "l3.max_rows_per_token": 32, "l3.allocation_tokens": 0})
   d = L.load_or_build(cfg.data, cfg.l3, data.vocab_size(cfg.data))
   check_invariants(d, 264, 264 * 8, 32)
-  stream = data._stream(cfg.data, "train")
+  stream = data.RunData(cfg.data).stream("train")
   assert d.tolist() == L.lzw_allocation(stream, 264, 264 * 8, 32).tolist()
   assert d[data.load_tokenizer(cfg.data).pad_id] == 1  # never seen
   assert os.listdir(tmp_path) == []

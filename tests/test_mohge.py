@@ -1,4 +1,4 @@
-"""MoHGE (papers.md §2) against the independent references of tests/mohge_reference.py.
+"""MoHGE (docs/papers/mohge.md) against the independent references of tests/mohge_reference.py.
 
   * route_groups: two-level routing, both gates, against a per-token float64 loop
   * the MoHGE layer: forward against a per-token float64 loop (both gates, both

@@ -292,7 +292,7 @@ def test_row_split_gradients_type_check_in_shard_map(tied):
   def per_shard(h, ids, keys, *maybe_values):
     vals = keys if tied else maybe_values[0]
     me = jax.lax.axis_index("expert")
-    h = h + jnp.zeros_like(keys, shape=())  # one varying type, as l3_parallel does
+    h = h + jnp.zeros_like(keys, shape=())  # one varying type, as moejax/papers/l3/parallel.py does
     p = kernel.lookup_partials(h, ids, keys, vals, OFFSETS, COUNTS, max_rows=K,
                                row_start=me * 8, interpret=False, **TILES)
     _, s, u, numer = p

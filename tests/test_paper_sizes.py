@@ -39,7 +39,7 @@ def attention_params(d, heads, kv_heads, head_dim):
 def test_targets_are_well_formed(name, budgets):
   for t in registry.get(name).targets:
     assert t.scale == "paper" and t.quantity in budgets[name][t.arm]
-    assert "papers.md" in t.source and 0 < t.tolerance <= 0.10
+    assert "docs/papers/" in t.source and 0 < t.tolerance <= 0.10
 
 
 @pytest.mark.parametrize("name", ("omnimoe", "loopmoe", "l3"))

@@ -55,7 +55,7 @@ def _derived(records, cfg):
 
 
 def make_experiment(**kw):
-  spec = dict(name="fake", title="A fake table", paper="papers.md section 0", sweep=_sweep,
+  spec = dict(name="fake", title="A fake table", paper="docs/papers/harness.md §a", sweep=_sweep,
               columns=("eval/loss", "budget/params", "aux/load_entropy", "derived/x"),
               claims=CLAIMS, derived=_derived, notes="Fake runs for tests.")
   spec.update(kw)

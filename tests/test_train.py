@@ -99,8 +99,8 @@ def test_restart_before_any_checkpoint_starts_clean(tmp_path):
 def test_resume_refuses_different_data_under_the_same_config(tmp_path, monkeypatch):
   import moejax.data as data_lib
   train_and_evaluate(tiny_config(**{"train.steps": 4}), str(tmp_path))
-  real = data_lib.dataset_info
-  monkeypatch.setattr(data_lib, "dataset_info", lambda c: {
-      **real(c), "tokenizer_fingerprint": "retrained"})
+  real = data_lib.RunData._read_info
+  monkeypatch.setattr(data_lib.RunData, "_read_info", lambda self: {
+      **real(self), "tokenizer_fingerprint": "retrained"})
   with pytest.raises(ConfigError, match="trained on different data.*tokenizer_fingerprint"):
     train_and_evaluate(tiny_config(**{"train.steps": 8}), str(tmp_path))

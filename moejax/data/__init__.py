@@ -1,6 +1,7 @@
 """Data: the embedded corpus, TFDS datasets, tokenizers, packing and batches.
 
-The trainer uses only the functions below. Datasets:
+A run resolves its data once, as a RunData (below), which the trainer, the
+evaluation and extensions share. Datasets:
   stdlib_source  the running Python's standard library source (embedded, offline)
   synthetic      a learnable Markov-chain stream for tests
   <any TFDS name> prepared as array_record under data_dir (e.g. lm1b)
@@ -8,6 +9,7 @@ The trainer uses only the functions below. Datasets:
 
 from __future__ import annotations
 
+import functools
 import os
 
 from moejax.data import preparation as _prepare
@@ -91,55 +93,120 @@ def check_ready(data_cfg) -> None:
           f"{sorted(builder.info.splits)}); set --config.data.train_split / eval_split.")
 
 
+class RunData:
+  """One run's data, resolved once: where it lives, its tokenizer, its token
+  streams, its iterators and what identifies it. The trainer, the evaluation and
+  extensions that read the data before the model is built (L3's allocation)
+  share one instance instead of re-deriving paths and tokenizers from the config
+  at each call.
+
+    data = RunData.prepare(cfg.data)     # builds what is missing, once
+    data.tokenizer, data.vocab_size, data.info
+    data.train_iterator(seq_len=..., global_batch=..., seed=..., rows=...)
+    data.eval_iterator(seq_len=..., global_batch=..., rows=...)
+    data.train_tokens(limit)             # the first tokens of the training split
+  """
+
+  def __init__(self, data_cfg):
+    self.cfg = data_cfg
+    self.synthetic = data_cfg.name == SYNTHETIC
+    self.data_dir = None if self.synthetic else resolve_data_dir(data_cfg)
+    self._info = None
+
+  @classmethod
+  def prepare(cls, data_cfg) -> "RunData":
+    """Builds, once, whatever is missing (corpus, tokenizer, token caches)."""
+    data = cls(data_cfg)
+    if not data.synthetic:
+      _prepare.prepare_all(data_cfg, data.data_dir)
+    return data
+
+  @functools.cached_property
+  def tokenizer(self):
+    if self.synthetic:
+      return ByteTokenizer()
+    return _prepare.tokenizer_for(self.cfg, self.data_dir)
+
+  @property
+  def vocab_size(self) -> int:
+    return self.tokenizer.vocab_size
+
+  def cache_path(self, split: str) -> str:
+    """The .npy token cache of `split` (prepared datasets only)."""
+    return _prepare.cache_path(self.cfg, self.data_dir, self.tokenizer, split)
+
+  def stream(self, split: str):
+    """The token stream of `split`, memory-mapped."""
+    if self.synthetic:
+      return _synthetic.stream("train" if split == self.cfg.train_split else "eval")
+    return token_cache.load(self.cache_path(split))
+
+  def train_tokens(self, limit: int):
+    """The first `limit` tokens of the training split (all of it if limit <= 0): a
+    prefix in the prepared files' order, not a sample."""
+    if not self.synthetic and not os.path.exists(self.cache_path(self.cfg.train_split)):
+      raise ConfigError(
+          f"The training tokens of {self.cfg.name!r} are not prepared "
+          f"({self.cache_path(self.cfg.train_split)} is missing); prepare them with: "
+          f"python3 -m moejax.data.prepare --dataset={self.cfg.name} "
+          f"--data_dir={self.data_dir}")
+    stream = self.stream(self.cfg.train_split)
+    return stream[:limit] if limit > 0 else stream
+
+  def train_iterator(self, *, seq_len, global_batch, seed, process_index=0,
+                     process_count=1, rows=None) -> BatchIterator:
+    return BatchIterator(self.stream(self.cfg.train_split), seq_len=seq_len,
+                         global_batch=global_batch, seed=seed, shuffle=True,
+                         bos_id=self.tokenizer.bos_id, process_index=process_index,
+                         process_count=process_count, rows=rows)
+
+  def eval_iterator(self, *, seq_len, global_batch, process_index=0, process_count=1,
+                    rows=None) -> BatchIterator:
+    return BatchIterator(self.stream(self.cfg.eval_split), seq_len=seq_len,
+                         global_batch=global_batch, seed=0, shuffle=False,
+                         bos_id=self.tokenizer.bos_id, process_index=process_index,
+                         process_count=process_count, rows=rows)
+
+  @property
+  def info(self) -> dict:
+    """What identifies the data of a run: recorded in checkpoints and final.json."""
+    if self._info is None:
+      self._info = self._read_info()
+    return self._info
+
+  def _read_info(self) -> dict:
+    tok, c = self.tokenizer, self.cfg
+    info = dict(name=c.name, tokenizer="byte" if self.synthetic else c.tokenizer,
+                tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
+    if self.synthetic:
+      info.update(train_tokens=int(_synthetic.TRAIN_TOKENS),
+                  eval_tokens=int(_synthetic.EVAL_TOKENS))
+      return info
+    for role, split in (("train", c.train_split), ("eval", c.eval_split)):
+      meta = token_cache.load_info(self.cache_path(split))
+      info[f"{role}_tokens"], info[f"{role}_bytes"] = meta["tokens"], meta["bytes"]
+      info.update(version=meta["version"], fingerprint=meta.get("fingerprint"),
+                  python_version=meta.get("python_version"))
+    return info
+
+
+# One-call forms of RunData, for code and tests that need a single piece.
 def prepare(data_cfg) -> None:
   """Builds, once, whatever is missing: corpus, tokenizer, token caches."""
-  if data_cfg.name != SYNTHETIC:
-    _prepare.prepare_all(data_cfg, resolve_data_dir(data_cfg))
+  RunData.prepare(data_cfg)
 
 
 def load_tokenizer(data_cfg):
-  if data_cfg.name == SYNTHETIC:
-    return ByteTokenizer()
-  return _prepare.tokenizer_for(data_cfg, resolve_data_dir(data_cfg))
+  return RunData(data_cfg).tokenizer
 
 
-def _stream(data_cfg, split: str):
-  if data_cfg.name == SYNTHETIC:
-    return _synthetic.stream("train" if split == data_cfg.train_split else "eval")
-  return token_cache.load(_prepare.cache_path(data_cfg, resolve_data_dir(data_cfg),
-                                              load_tokenizer(data_cfg), split))
+def make_train_iterator(data_cfg, **kwargs) -> BatchIterator:
+  return RunData(data_cfg).train_iterator(**kwargs)
 
 
-def make_train_iterator(data_cfg, *, seq_len, global_batch, seed, process_index=0,
-                        process_count=1, rows=None) -> BatchIterator:
-  return BatchIterator(_stream(data_cfg, data_cfg.train_split), seq_len=seq_len,
-                       global_batch=global_batch, seed=seed, shuffle=True,
-                       bos_id=load_tokenizer(data_cfg).bos_id,
-                       process_index=process_index, process_count=process_count,
-                       rows=rows)
-
-
-def make_eval_iterator(data_cfg, *, seq_len, global_batch, process_index=0,
-                       process_count=1, rows=None) -> BatchIterator:
-  return BatchIterator(_stream(data_cfg, data_cfg.eval_split), seq_len=seq_len,
-                       global_batch=global_batch, seed=0, shuffle=False,
-                       bos_id=load_tokenizer(data_cfg).bos_id,
-                       process_index=process_index, process_count=process_count,
-                       rows=rows)
+def make_eval_iterator(data_cfg, **kwargs) -> BatchIterator:
+  return RunData(data_cfg).eval_iterator(**kwargs)
 
 
 def dataset_info(data_cfg) -> dict:
-  """What identifies the data of a run: recorded in checkpoints and final.json."""
-  tok = load_tokenizer(data_cfg)
-  info = dict(name=data_cfg.name, tokenizer=data_cfg.tokenizer if data_cfg.name != SYNTHETIC
-              else "byte", tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
-  if data_cfg.name == SYNTHETIC:
-    info.update(train_tokens=int(_synthetic.TRAIN_TOKENS), eval_tokens=int(_synthetic.EVAL_TOKENS))
-    return info
-  data_dir = resolve_data_dir(data_cfg)
-  for role, split in (("train", data_cfg.train_split), ("eval", data_cfg.eval_split)):
-    meta = token_cache.load_info(_prepare.cache_path(data_cfg, data_dir, tok, split))
-    info[f"{role}_tokens"], info[f"{role}_bytes"] = meta["tokens"], meta["bytes"]
-    info.update(version=meta["version"], fingerprint=meta.get("fingerprint"),
-                python_version=meta.get("python_version"))
-  return info
+  return RunData(data_cfg).info

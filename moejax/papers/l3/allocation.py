@@ -2,7 +2,7 @@
 
   sum_t d_t = v (l3.rows),   1 <= d_t <= k (l3.max_rows_per_token)
 
-Three allocations (papers.md 4.c, 4.f):
+Three allocations (docs/papers/l3.md §c, §f):
   lzw        rows go to the last tokens of the most used LZW codewords (the paper's knob)
   uniform    d_t = v // V, the first v mod V ids one more (control)
   frequency  d_t ~ unigram count, clipped to [1, k] (control)
@@ -162,7 +162,7 @@ def lzw_codewords(tokens, vocab_size: int | None = None) -> dict[tuple, int]:
 def lzw_allocation(tokens, vocab_size: int, rows: int, max_rows: int) -> np.ndarray:
   """d_t = 1 + number of kept multi-token LZW codewords ending in t.
 
-  papers.md 4.c gives only a reconstruction (the paper's Algorithm 1 is not
+  docs/papers/l3.md §c gives only a reconstruction (the paper's Algorithm 1 is not
   public); the choices made here:
   * one LZW pass over `tokens` as a single sequence: BOS separators are
     ordinary tokens, so codewords may span a document boundary, and BOS gets
@@ -178,7 +178,7 @@ def lzw_allocation(tokens, vocab_size: int, rows: int, max_rows: int) -> np.ndar
     each id's single codeword is kept unconditionally: it is the context-free
     row every id has (d_t >= 1). It is not walked again, which would give an
     id a second context-free row. So d_t = number of kept codewords ending
-    in t, papers.md's reconstruction, with every single kept;
+    in t, the reconstruction of docs/papers/l3.md §c, with every single kept;
   * walk order: uses descending, then shorter first (the more general
     context), then code ascending (creation order, i.e. first occurrence);
   * a codeword whose last token already has k rows is skipped (its row goes
@@ -242,29 +242,10 @@ def allocate(method: str, tokens, vocab_size: int, rows: int, max_rows: int) -> 
   return uniform_allocation(vocab_size, rows, max_rows)
 
 
-def _train_cache_path(data_cfg) -> str:
-  """The .npy token cache of the training split (real datasets only)."""
-  from moejax import data
-  from moejax.data import preparation
-  return preparation.cache_path(data_cfg, data.resolve_data_dir(data_cfg),
-                                data.load_tokenizer(data_cfg), data_cfg.train_split)
-
-
 def train_tokens(data_cfg, limit: int) -> np.ndarray:
-  """The first `limit` tokens of the training stream (all of it if limit <= 0).
-
-  A prefix, not a random sample: documents in the prepared files' order.
-  """
-  from moejax import data
-  if data_cfg.name != data.SYNTHETIC:
-    path = _train_cache_path(data_cfg)
-    if not os.path.exists(path):
-      raise ConfigError(
-          f"The training tokens of {data_cfg.name!r} are not prepared ({path} is missing); "
-          f"prepare them with: python3 -m moejax.data.prepare --dataset={data_cfg.name} "
-          f"--data_dir={data.resolve_data_dir(data_cfg)}")
-  stream = data._stream(data_cfg, data_cfg.train_split)
-  return np.asarray(stream[:limit] if limit > 0 else stream)
+  """The first `limit` tokens of the training stream (all of it if limit <= 0)."""
+  from moejax import data  # pylint: disable=import-outside-toplevel
+  return np.asarray(data.RunData(data_cfg).train_tokens(limit))
 
 
 def _checksum(counts: np.ndarray) -> str:
@@ -275,31 +256,33 @@ def _matches(meta: dict, want: dict) -> bool:
   return all(meta.get(k) == v for k, v in want.items())
 
 
-def load_or_build(data_cfg, l3_cfg, vocab_size: int) -> np.ndarray:
+def load_or_build(data_cfg, l3_cfg, vocab_size: int, run_data=None) -> np.ndarray:
   """The allocation for these configs: read from its cache or built once and cached.
 
   The cache is keyed by file name (method, v, k, tokens read) under the token
   cache's directory, itself keyed by dataset, version and tokenizer; the .json
   must also match the version, vocabulary and the token cache's own ids, or
   it is rebuilt. Processes on one machine build it under preparation's file
-  lock; files are written to a temporary name and renamed.
+  lock; files are written to a temporary name and renamed. run_data: the run's
+  moejax.data.RunData (resolved from data_cfg when not given).
   """
   from moejax import data
   from moejax.data import preparation, token_cache
+  run_data = run_data or data.RunData(data_cfg)
   method, rows, k = l3_cfg.allocation, int(l3_cfg.rows), int(l3_cfg.max_rows_per_token)
   check_method(method)
   check_budget(vocab_size, rows, k)
   if method == "uniform":
     return uniform_allocation(vocab_size, rows, k)
   limit = int(l3_cfg.allocation_tokens)
-  if data_cfg.name == data.SYNTHETIC:  # generated in memory: nothing to cache beside
-    start, tokens = time.time(), train_tokens(data_cfg, limit)
+  if run_data.synthetic:  # generated in memory: nothing to cache beside
+    start, tokens = time.time(), np.asarray(run_data.train_tokens(limit))
     d = allocate(method, tokens, vocab_size, rows, k)
     preparation.log(f"L3 {method} allocation of {rows} rows from {tokens.size:,} synthetic "
                     f"tokens in {time.time() - start:.1f} s (not cached)")
     return d
-  stream_path = _train_cache_path(data_cfg)
-  tokens = train_tokens(data_cfg, limit)
+  stream_path = run_data.cache_path(data_cfg.train_split)
+  tokens = np.asarray(run_data.train_tokens(limit))
   source = token_cache.load_info(stream_path)
   split = data_cfg.train_split
   want = dict(version=VERSION, method=method, rows=rows, max_rows=k, split=split,
@@ -324,7 +307,7 @@ def load_or_build(data_cfg, l3_cfg, vocab_size: int) -> np.ndarray:
   d = cached()
   if d is not None:
     return d
-  with preparation._file_lock(data.resolve_data_dir(data_cfg)):
+  with preparation._file_lock(run_data.data_dir):
     d = cached()  # another process may have built it while we waited
     if d is not None:
       return d

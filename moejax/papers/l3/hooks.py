@@ -10,7 +10,7 @@ from moejax import sharding
 from moejax.papers.l3 import allocation as l3_allocation
 
 
-def allocation_inputs(cfg, vocab_size: int, *, shapes_only: bool, say):
+def allocation_inputs(cfg, data, vocab_size: int, *, shapes_only: bool, say):
   """Rows per token id of every L3 table, or None without L3 layers. For shapes
   only (--dry_run) any allocation with the configured rows will do: uniform."""
   l3 = cfg.l3
@@ -18,7 +18,7 @@ def allocation_inputs(cfg, vocab_size: int, *, shapes_only: bool, say):
     return None
   if shapes_only:
     return l3_allocation.uniform_allocation(vocab_size, l3.rows, l3.max_rows_per_token)
-  counts = l3_allocation.load_or_build(cfg.data, l3, vocab_size)
+  counts = l3_allocation.load_or_build(cfg.data, l3, vocab_size, run_data=data)
   stats = l3_allocation.allocation_stats(counts, max_rows=l3.max_rows_per_token)
   say(f"L3 tables: {l3.rows:,} rows per layer after layers {tuple(l3.after_layers)}, "
       f"{l3.allocation} allocation (rows per token id: min {stats['min_rows']}, mean "
@@ -29,7 +29,7 @@ def allocation_inputs(cfg, vocab_size: int, *, shapes_only: bool, say):
 def host_table_eval(cfg, run) -> dict:
   """With l3.host_eval: {"l3_host_eval": metrics and what each batch shipped}.
 
-  run: the trainer's RunContext (spec, state, eval_iter, tokenizer, final, say)."""
+  run: the trainer's RunContext (spec, state, eval_iter, data, final, say)."""
   if not (cfg.l3.after_layers and cfg.l3.host_eval):
     return {}
   from moejax.papers.l3 import host as l3_host  # pylint: disable=import-outside-toplevel
@@ -46,7 +46,7 @@ def host_table_eval(cfg, run) -> dict:
     metrics, shipped = l3_host.evaluate_with_host_tables(
         run.spec.graphdef, host,
         run.eval_iter.iter_eval(cfg.train.final_eval_batches or None),
-        run.tokenizer.bytes_per_token)
+        run.data.tokenizer.bytes_per_token)
   n = max(len(shipped), 1)
   result = dict(metrics, batches=len(shipped),
                 mean_rows_shipped=sum(s.bucket_rows for s in shipped) / n,

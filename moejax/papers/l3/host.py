@@ -1,6 +1,6 @@
 """L3 tables in host memory for evaluation and inference: ship only the rows a batch reads.
 
-The paper (papers.md 4.e) keeps L3 tables in CPU memory at inference and sends
+The paper (docs/papers/l3.md §e) keeps L3 tables in CPU memory at inference and sends
 over PCIe only the rows {K_t, V_t} of the tokens being processed. Here:
 
   host = HostTables.from_state(params, model_state)   # tables -> host numpy
@@ -25,7 +25,7 @@ bytes shipped, host gather and transfer seconds (a Shipment).
 Limits:
   * One device, one process: the compact tables are plain replicated arrays.
     Under a mesh whose `expert` axis is > 1 the layer would split them by rows
-    (l3_parallel.py); evaluate_with_host_tables refuses that case.
+    (moejax/papers/l3/parallel.py); evaluate_with_host_tables refuses that case.
   * A batch of T tokens needs up to min(rows, T * max_rows_per_token) rows per
     layer (fewer with repeated ids). For large eval batches most of the table
     ships on every batch; the win is for small batches, decoding above all

@@ -17,7 +17,7 @@ parameter is behind it); the tables begin to learn from the second step.
 The CSR index (offsets and counts per token id, int32 [vocab]) is an L3Index
 variable: model state, not a parameter, so it is saved with checkpoints,
 replicated, and can be swapped for another allocation. Tables are split by rows
-over the `expert` mesh axis (l3_parallel.py) when that axis is larger than one.
+over the `expert` mesh axis (moejax/papers/l3/parallel.py) when that axis is larger than one.
 
 Choices where the sources are silent: the layer is pre-norm like every other
 sublayer (it reads and concatenates h = RMSNorm(x), not the raw residual x);

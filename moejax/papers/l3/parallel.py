@@ -2,7 +2,7 @@
 
 The [v, d] key and [v, e] value tables are split into EP contiguous row blocks,
 one per `expert` shard (logical axis "l3_rows"). A token's rows are fixed by its
-id and may sit on any shard (or straddle two), so, as atomic_parallel.py does,
+id and may sit on any shard (or straddle two), so, as moejax/papers/omnimoe/parallel.py does,
 every shard gathers the tokens of its `expert` group once (all_gather of h and
 ids: (EP - 1) rows of d per local token), computes the lookup partials over the
 rows it holds (row_start = shard * v / EP; rows elsewhere count as absent), and

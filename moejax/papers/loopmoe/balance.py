@@ -1,6 +1,6 @@
 """Capacity balancing: size a LoopMoE's experts to match a Vanilla MoE's budget.
 
-papers.md section 3 leaves the paper's exact definition unknown; held fixed
+docs/papers/loopmoe.md leaves the paper's exact definition unknown; held fixed
 here, all as moejax.budget.model_budget counts them (same vocabulary):
   * total parameters (a looped layer's weights count once),
   * forward FLOPs per token (a looped layer's count once per iteration),

@@ -10,7 +10,7 @@ a sublayer F (attention or the MoE FFN):
 
 PE is the fixed sinusoidal encoding of the iteration index. With W_mod = 0 the
 block starts as the plain loop ("Loop Base"), the AdaLN-Zero idea. Choices the
-sources leave open (papers.md section 3.a), each a config field or stated here:
+sources leave open (docs/papers/loopmoe.md §a), each a config field or stated here:
   * the token projection reads the current, normalised hidden state n (not a
     pre-loop state, and normalised so its scale does not grow with depth);
   * each sublayer (attention, FFN) of each looped layer has its own IterAdaLN;

@@ -8,12 +8,12 @@ authors' Megatron patch (`GroupTopKRouter`, `TopKRouterForDiffenerentGroup`):
     expert level: q_{g,j} = softmax_j (x W_exp)_{g,j}  (within each group)
                   r_{g,j} = q_{g,j} pi_g;  r <- r / sum r       (0 outside chosen groups)
                   idx = top_k(r)
-    weights, `gate` selects one of the two readings of the code (papers.md §2.a):
+    weights, `gate` selects one of the two readings of the code (docs/papers/mohge.md §a):
       "megatron"      w = softmax over the k selected r values: Megatron's default
                       top-k with moe_router_pre_softmax=False, what the released
                       scripts run (close to uniform, since r lies in [0, 1])
       "renormalized"  w = r_idx / sum r_idx
-Expert ids here are group-major, e = g n + j; mohge_placement.py has the
+Expert ids here are group-major, e = g n + j; placement.py has the
 all-size decoupled order the paper uses to place experts on devices.
 """
 

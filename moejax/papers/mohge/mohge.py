@@ -13,7 +13,7 @@ group with only that group's pairs. Either way compute follows the widths
 actually chosen, never the widest. Under expert parallelism every group's
 stack is split over `expert` (n must be a multiple of EP), so shard s holds the
 same share of every width, which is the paper's all-size group-decoupling
-placement (mohge_placement.py); one all-to-all carries all groups' pairs.
+placement (placement.py); one all-to-all carries all groups' pairs.
 
 Losses (mohge_balance.py): the size-weighted group loss (alpha_g, switched on
 after `group_aux_start_fraction` of training, as the authors' global-step

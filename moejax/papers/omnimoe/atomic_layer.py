@@ -2,7 +2,7 @@
 
     tokens -> route (the subclass: gates [T, k'], expert ids [T, k'])
            -> y = SharedSwiGLU(x) + sum_j g_j act(u_idx_j . x) v_idx_j
-The routed sum runs through atomic_experts.py, or atomic_parallel.py when the
+The routed sum runs through atomic_experts.py, or parallel.py when the
 mesh has an `expert` axis larger than one. Health metrics: load entropy and
 max/mean over all N experts, dead_fraction (experts no token chose in this
 batch), gate_mass (mean sum of a token's gates).
