@@ -204,7 +204,7 @@ def test_path_pallas_is_registered_and_uses_padded_on_tpu(monkeypatch):
         "l3.max_rows_per_token": 4}
   config_lib.validate(tiny_config(**l3, **{"l3.path": "pallas"}), num_devices=1,
                       check_data=False)
-  with pytest.raises(ConfigError, match="'pallas', 'padded' or 'sorted'"):
+  with pytest.raises(ConfigError, match="path='magic' is not one of"):
     config_lib.validate(tiny_config(**l3, **{"l3.path": "magic"}), num_devices=1,
                         check_data=False)
   # On TPU the path is the padded one; the kernel is not called.
