@@ -91,14 +91,14 @@ EXPERIMENT = Experiment(
              "traffic/small_groups_shift", f"placement/permuted_max_over_mean_ep{SHARDS}",
              f"placement/sorted_max_over_mean_ep{SHARDS}", "wall_time_s"),
     claims=(
-        Claim("MoHGE matches the MoE's quality with ~20% fewer total params [2.d (i)]: "
+        Claim("MoHGE matches the MoE's quality with ~20% fewer total params [§d (i)]: "
               "loss within 0.05 nats", "eval/loss", "mohge", "close", than_arm="baseline",
               tolerance=0.05),
-        Claim("MoHGE beats dense [2.d (ii)]", "eval/loss", "mohge", "less", than_arm="dense"),
-        Claim("the group loss shifts traffic toward small groups [2.d (iv)]: more than "
+        Claim("MoHGE beats dense [§d (ii)]", "eval/loss", "mohge", "less", than_arm="dense"),
+        Claim("the group loss shifts traffic toward small groups [§d (iv)]: more than "
               "without it", "traffic/small_groups_shift", "mohge", "greater",
               than_arm="mohge_no_group_loss"),
-        Claim(f"the permuted placement balances shard load better than size-sorted [2.d "
+        Claim(f"the permuted placement balances shard load better than size-sorted [§d "
               f"(iii)], EP={SHARDS}", "placement/sorted_minus_permuted", "mohge", "greater",
               than_value=0.0),
     ),

@@ -57,15 +57,15 @@ EXPERIMENT = Experiment(
              "budget/params", "budget/active_params", "wall_time_s",
              "latency/omnimoe_ms", "latency/peer_ms", "latency/peer_over_omnimoe"),
     claims=(
-        Claim("OmniMoE beats dense at 1.7B active (50.9 avg on 7 tasks) [1.d]",
+        Claim("OmniMoE beats dense at 1.7B active (50.9 avg on 7 tasks) [§d]",
               "eval/loss", "omnimoe", "less", than_arm="dense"),
-        Claim("OmniMoE beats coarse/fine-grained MoE such as DeepSeekMoE [1.d]",
+        Claim("OmniMoE beats coarse/fine-grained MoE such as DeepSeekMoE [§d]",
               "eval/loss", "omnimoe", "less", than_arm="deepseek"),
-        Claim("OmniMoE beats PEER [1.d]", "eval/loss", "omnimoe", "less", than_arm="peer"),
-        Claim("OmniMoE needs no auxiliary loss to stay balanced [1.b]: normalised load "
+        Claim("OmniMoE beats PEER [§d]", "eval/loss", "omnimoe", "less", than_arm="peer"),
+        Claim("OmniMoE needs no auxiliary loss to stay balanced [§b]: normalised load "
               "entropy above 0.9 at the end of training", "aux/load_entropy", "omnimoe",
               "greater", than_value=0.9),
-        Claim("OmniMoE is 10.9x faster than PEER at 4,096 tokens (73 ms -> 6.7 ms) [1.d]",
+        Claim("OmniMoE is 10.9x faster than PEER at 4,096 tokens (73 ms -> 6.7 ms) [§d]",
               "latency/peer_over_omnimoe", "latency", "greater", than_value=1.0),
     ),
     matches=(Match("dense", ("deepseek", "peer", "omnimoe"), ("active_params",), 0.01),),

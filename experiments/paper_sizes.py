@@ -10,7 +10,7 @@ Counting is moejax/budget.py's: "active" leaves out an untied input embedding
 
 What the papers fix and what is our choice (docs/papers/<paper>.md sections in brackets):
 
-OmniMoE [1.c]: only "1.7B active" is reported. The README example (hidden 1024,
+OmniMoE [§c]: only "1.7B active" is reported. The README example (hidden 1024,
   shared SwiGLU 4096, N = 4096, k = 16) would need ~97 layers to reach 1.7B, so
   we keep N, k and the 4:1 shared-to-hidden ratio on a Llama-style 1.7B trunk
   (SmolLM2-1.7B's: d 2048, 24 layers, 32 heads x 64, SwiGLU 8192, vocab 49,152,
@@ -19,7 +19,7 @@ OmniMoE [1.c]: only "1.7B active" is reported. The README example (hidden 1024,
   router's and the 16 atomic experts' 160 d params / 3 d), DeepSeekMoE-style
   8 x 1028 (6 routed + 2 shared of 64), PEER one head of top-16 over the same
   N = 4096 with a shared SwiGLU of 8191.
-MoHGE [2.c]: the released A3B preset: 15 layers, d 1024, 16 heads, 64 experts in
+MoHGE [§c]: the released A3B preset: 15 layers, d 1024, 16 heads, 64 experts in
   8 groups of widths 384..1280, top-4 groups, top-6, 2 shared of 1024; the
   baseline 64 x 1024; LLaMA-3 vocabulary + 2,400 (130,656), untied, seq 4096,
   global batch 512. The paper's attention is MLA (q full rank, kv rank 512, qk
@@ -33,7 +33,7 @@ MoHGE [2.c]: the released A3B preset: 15 layers, d 1024, 16 heads, 64 experts in
   ratio (routed params 832 / 1024 = 0.8125, whole model 0.84 here) and is
   checked in tests/test_paper_sizes.py. Dense: SwiGLU 8213 = 8 x 1024 + the
   router's 64 d / 3 d, the baseline's active params.
-LoopMoE [3.c]: only "3B" is reported (total or active unknown). Our choice:
+LoopMoE [§c]: only "3B" is reported (total or active unknown). Our choice:
   vanilla = a top-2-of-8 MoE at 3B total (d 2048, 16 layers, 16 heads x 128,
   8 KV heads, experts 3456 wide, vocab 32,000 tied, seq 2048: 2.99B total,
   0.95B active). Loop plan (ours): 2 prefix + 3 layers x 4 iterations + 2
@@ -41,7 +41,7 @@ LoopMoE [3.c]: only "3B" is reported (total or active unknown). Our choice:
   E' = 19 experts of width F' = 3459 for both Loop Base and LoopMoE (params,
   FLOPs/token and attention:FFN ratio within 0.2% of vanilla);
   tests/test_paper_sizes.py checks these numbers are still what it picks.
-L3 [4.c, 4.d]: the 809M dense model fits a Llama-3 vocabulary (128,256), untied,
+L3 [§c, §d]: the 809M dense model fits a Llama-3 vocabulary (128,256), untied,
   d 1536 (2 x 197M embeddings + a 415M decoder: the notes' "800M (400M
   decoder)"); our choice of layout: 12 layers, 24 heads x 64, 8 KV heads,
   SwiGLU 6144 (809.3M). The L3 arms add 2 layers (after layers 4 and 8, ours)
