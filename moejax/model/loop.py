@@ -98,3 +98,24 @@ def run_loop(blocks, x, *, iterations: int, remat: bool, combine_aux, **call_kwa
   aux["loop/cos_consecutive"] = cos
   aux["loop/cos_first"], aux["loop/cos_last"] = cos[0], cos[-1]
   return x, aux
+
+
+def decode_loop(blocks, x, caches, *, iterations: int, **call_kwargs):
+  """The looped segment in evaluation mode against KV caches (Block.decode).
+
+  caches: one cache per block, each stacked over iterations [R, ...] (iteration
+  k attends to what iteration k wrote at earlier positions). -> (x, caches)."""
+  stack = nnx.List(list(blocks))
+  graphdef, state = nnx.split(stack)
+
+  def body(h, xs):
+    k, layer_caches = xs
+    layers = nnx.merge(graphdef, state)
+    new_caches = []
+    for block, cache in zip(layers, layer_caches):
+      h, cache = block.decode(h, loop_index=k, cache=cache, **call_kwargs)
+      new_caches.append(cache)
+    return h, new_caches
+
+  x, caches = jax.lax.scan(body, x, (jnp.arange(iterations), list(caches)))
+  return x, caches

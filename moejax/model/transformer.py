@@ -10,6 +10,11 @@ The layer plan (moejax/model/layer_plan.py), which extensions may change, adds
 two things: a looped segment of blocks run several times with shared weights
 (moejax/model/loop.py), whose pre-norms a modulator may condition on the
 iteration, and layers inserted between blocks, x <- x + layer(x, token ids).
+
+`decode` runs the same layers in evaluation mode on new tokens against a KV
+cache (moejax/model/attention.py), for sampling: every sublayer is per-token in
+evaluation (dropless routing, BatchNorm running statistics, L3 reads by token
+id), so only attention needs the earlier positions.
 """
 
 import jax
@@ -18,7 +23,7 @@ from flax import nnx
 
 from moejax.model import layer_plan, sublayers
 from moejax.model.attention import Attention
-from moejax.model.loop import run_loop
+from moejax.model.loop import decode_loop, run_loop
 from moejax.model.norm import RMSNorm
 from moejax.model.params import param, residual_depth
 from moejax.sharding import constrain
@@ -50,6 +55,18 @@ class Block(nnx.Module):
   def __call__(self, x, *, positions, segment_ids, token_ids, loop_index, step, train):
     n, gate = self._modulate(self.attn_mod, self.attn_norm(x), loop_index)
     x = x + _gated(self.attn(n, positions=positions, segment_ids=segment_ids), gate)
+    return self._ffn_residual(x, token_ids=token_ids, loop_index=loop_index, step=step,
+                              train=train)
+
+  def decode(self, x, *, positions, token_ids, loop_index, cache):
+    """The evaluation-mode forward of new tokens against a KV cache -> (x, cache)."""
+    n, gate = self._modulate(self.attn_mod, self.attn_norm(x), loop_index)
+    y, cache = self.attn.decode(n, positions=positions, cache=cache)
+    x, _ = self._ffn_residual(x + _gated(y, gate), token_ids=token_ids,
+                              loop_index=loop_index, step=None, train=False)
+    return x, cache
+
+  def _ffn_residual(self, x, *, token_ids, loop_index, step, train):
     n, gate = self._modulate(self.ffn_mod, self.ffn_norm(x), loop_index)
     y, aux = self.ffn(n, token_ids=token_ids, loop_index=loop_index, step=step, train=train)
     x = constrain(x + _gated(y, gate).astype(x.dtype), ("batch", "seq", "act_embed"))
@@ -113,24 +130,63 @@ class Transformer(nnx.Module):
       positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
     if segment_ids is None:
       segment_ids = jnp.ones_like(tokens)
+    logits, aux, _ = self._forward(tokens, positions=positions, segment_ids=segment_ids,
+                                   step=step, train=train, cache=None)
+    return logits, aux
+
+  def init_cache(self, batch: int, max_len: int) -> list:
+    """An empty KV cache for `decode`: one entry per block, and for each looped
+    block one per iteration (stacked on a leading axis)."""
+    cache = []
+    for i, block in enumerate(self.blocks):
+      entry = block.attn.init_cache(batch, max_len)
+      if self.loop_start <= i < self.loop_end:
+        entry = jax.tree.map(lambda a: jnp.broadcast_to(a, (self.iterations,) + a.shape),
+                             entry)
+      cache.append(entry)
+    return cache
+
+  def decode(self, tokens, *, positions, cache):
+    """Evaluation-mode logits of new tokens [batch, s] at positions [batch, s]
+    (every row at the same positions), attending to the cached earlier tokens
+    -> (logits [batch, s, vocab] float32, cache with the new tokens added).
+    A prefill is decode(prompt, positions=arange(P)), then one token per call."""
+    logits, _, cache = self._forward(tokens, positions=positions, segment_ids=None,
+                                     step=None, train=False, cache=cache)
+    return logits, cache
+
+  def _forward(self, tokens, *, positions, segment_ids, step, train, cache):
     # Gather the table whole before the lookup (FSDP semantics): a gather from a
     # table split over (vocab, embed) makes XLA replicate it the slow way.
     table = constrain(self.embed[...], (None, None))
     x = jnp.take(table, tokens, axis=0).astype(self.dtype)
     x = constrain(x, ("batch", "seq", "act_embed"))
     per_layer, weights = [], []
+    new_cache = None if cache is None else list(cache)
     kwargs = dict(positions=positions, segment_ids=segment_ids, token_ids=tokens,
                   step=step, train=train)
+    decode_kwargs = dict(positions=positions, token_ids=tokens)
     i = 0
     while i < len(self.blocks):
       if i == self.loop_start:
-        x, aux = run_loop(list(self.blocks)[self.loop_start:self.loop_end], x,
-                          iterations=self.iterations, remat=self.remat,
-                          combine_aux=combine_aux, **kwargs)
+        looped = list(self.blocks)[self.loop_start:self.loop_end]
+        if cache is None:
+          x, aux = run_loop(looped, x, iterations=self.iterations, remat=self.remat,
+                            combine_aux=combine_aux, **kwargs)
+        else:
+          x, new_cache[self.loop_start:self.loop_end] = decode_loop(
+              looped, x, cache[self.loop_start:self.loop_end], iterations=self.iterations,
+              **decode_kwargs)
+          aux = {}
         weights.append(float((self.loop_end - self.loop_start) * self.iterations))
         i = self.loop_end
       else:
-        x, aux = self.blocks[i](x, loop_index=None, **kwargs)
+        if cache is None:
+          x, aux = self.blocks[i](x, loop_index=None, **kwargs)
+        else:
+          x, new_cache[i] = self.blocks[i].decode(x, loop_index=None, cache=cache[i],
+                                                  **decode_kwargs)
+          aux = {}
         weights.append(1.0)
         i += 1
       per_layer.append(aux)
@@ -150,4 +206,4 @@ class Transformer(nnx.Module):
       logits = jnp.einsum("bsd,dv->bsv", x, self.unembed[...].astype(self.dtype),
                           preferred_element_type=jnp.float32)
     logits = constrain(logits, ("batch", "seq", "vocab"))
-    return logits.astype(jnp.float32), combine_aux(per_layer, weights)
+    return logits.astype(jnp.float32), combine_aux(per_layer, weights), new_cache
