@@ -72,10 +72,18 @@ def base_config() -> ml_collections.ConfigDict:
 
   # --- data ------------------------------------------------------------------
   c.data = ml_collections.ConfigDict()
-  c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; or any TFDS name, e.g. "lm1b"
+  c.data.name = "stdlib_source"  # embedded corpus; "synthetic"; "files" (your own text
+                                 # files, below); or any TFDS name, e.g. "lm1b"
   c.data.data_dir = ""  # "" = $TFDS_DATA_DIR, else ~/tensorflow_datasets; local path
                         # (on cloud TPU: a gcsfuse mount of the bucket)
-  c.data.text_key = "text"  # feature holding the document text (TFDS datasets)
+  c.data.text_key = "text"  # feature holding the document text (TFDS datasets; the
+                            # field of .jsonl lines and column of .parquet files)
+  # name="files" (moejax/data/local_files.py has the document and split rules):
+  c.data.files = ""  # glob(s) of the files, comma-separated; ~ expanded, ** recursive
+  c.data.eval_files = ""  # glob(s) of the validation files; "" = split by eval_fraction
+  c.data.eval_fraction = 0.05  # share of documents held out for validation, by hash
+  c.data.txt_documents = "file"  # a text file is one document ("file") or one per
+                                 # block between blank lines ("blank_line")
   c.data.train_split = "train"
   c.data.eval_split = "validation"
   c.data.tokenizer = "sentencepiece"  # or "byte"

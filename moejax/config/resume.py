@@ -4,6 +4,7 @@ is refused with one sentence; allowed changes with consequences are announced.""
 from __future__ import annotations
 
 from moejax import extensions
+from moejax.data.tfds_access import FILES
 from moejax.errors import ConfigError
 
 # Fields that fix the shapes of the saved state or the meaning of the saved data
@@ -42,6 +43,11 @@ def check_same_data(saved: dict, current: dict, workdir: str) -> None:
   """Refuses to resume when the data itself changed under the same config."""
   diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_FIXED_DATA
            if k in saved and saved.get(k) != current.get(k)]
+  if diffs and current.get("name") == FILES:
+    raise ConfigError(
+        f"The checkpoint in {workdir} was trained on other files: the files matched by "
+        f"data.files or their split settings changed since ({'; '.join(diffs)}); restore "
+        "the original files, or use a new --workdir.")
   if diffs:
     raise ConfigError(
         f"The checkpoint in {workdir} was trained on different data ({'; '.join(diffs)}); "

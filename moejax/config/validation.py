@@ -15,7 +15,8 @@ import ml_collections
 from moejax import data as data_lib
 from moejax import extensions
 from moejax import sharding
-from moejax.config.checks import DTYPES, positive, require
+from moejax.config.checks import DTYPES, one_of, positive, require
+from moejax.data import local_files, tfds_access
 from moejax.model import sublayers
 
 def _validate_model(m) -> None:
@@ -53,6 +54,19 @@ def _validate_train(t) -> None:
             f"{getattr(t, field)}.")
 
 
+def validate_data(d) -> None:
+  """The fields of the local files dataset (the others are checked with the data)."""
+  if d.name != tfds_access.FILES:
+    return
+  require(str(d.files).strip(),
+          "--config.data.name=files needs --config.data.files, a glob of your text "
+          "files (e.g. '/data/books/*.txt').")
+  require(0.0 < d.eval_fraction < 1.0,
+          f"--config.data.eval_fraction={d.eval_fraction} must lie strictly between 0 and "
+          "1 (the share of documents held out for validation).")
+  one_of("data", d, "txt_documents", local_files.TXT_DOCUMENTS)
+
+
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int = 1, check_data: bool = True) -> tuple[int, ...]:
   """Checks `cfg` for `num_devices` devices; returns the resolved mesh shape."""
@@ -81,6 +95,7 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
           f"--config.checkpoint.keep must be at least 1, got {cfg.checkpoint.keep}.")
   require(cfg.checkpoint.every > 0,
           f"--config.checkpoint.every must be positive, got {cfg.checkpoint.every}.")
+  validate_data(cfg.data)
   if check_data:
     data_lib.check_ready(cfg.data)
   return mesh_shape

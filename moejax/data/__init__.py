@@ -4,6 +4,7 @@ A run resolves its data once, as a RunData (below), which the trainer, the
 evaluation and extensions share. Datasets:
   stdlib_source  the running Python's standard library source (embedded, offline)
   synthetic      a learnable Markov-chain stream for tests
+  files          your own text files, data.files a glob (local_files.py)
   <any TFDS name> prepared as array_record under data_dir (e.g. lm1b)
 """
 
@@ -47,6 +48,16 @@ def vocab_size(data_cfg) -> int:
   return int(data_cfg.vocab_size)
 
 
+def prepare_command(data_cfg, data_dir: str) -> str:
+  """The command that prepares this config's dataset, tokenizer and token caches."""
+  command = f"python3 -m moejax.data.prepare --dataset={data_cfg.name} --data_dir={data_dir}"
+  if data_cfg.name == tfds_access.FILES:
+    command += (f" --files='{data_cfg.files}' --eval_files='{data_cfg.eval_files}' "
+                f"--eval_fraction={data_cfg.eval_fraction} "
+                f"--txt_documents={data_cfg.txt_documents} --text_key={data_cfg.text_key}")
+  return command + f" --tokenizer={data_cfg.tokenizer} --vocab_size={data_cfg.vocab_size}"
+
+
 def check_ready(data_cfg) -> None:
   """Raises ConfigError, with the command that fixes it, if data can't be had."""
   if data_cfg.tokenizer not in TOKENIZERS:
@@ -59,13 +70,17 @@ def check_ready(data_cfg) -> None:
                       f"sentencepiece with byte fallback; use at least "
                       f"{MIN_SENTENCEPIECE_VOCAB}.")
   data_dir = resolve_data_dir(data_cfg)
-  builder = tfds_access.get_builder(data_cfg.name, data_dir)
-  if data_cfg.name == tfds_access.EMBEDDED:
+  builder = tfds_access.builder_for(data_cfg, data_dir)  # files: reads and checks them
+  if data_cfg.name in (tfds_access.EMBEDDED, tfds_access.FILES):
     if not data_cfg.auto_prepare and not tfds_access.is_prepared(builder):
+      what, it = (("These files are", "them") if data_cfg.name == tfds_access.FILES
+                  else ("The embedded corpus is", "it"))
       raise ConfigError(
-          f"The embedded corpus is not prepared in {data_dir} and "
-          "data.auto_prepare is off; prepare it with: python3 -m moejax.data.prepare "
-          f"--dataset={data_cfg.name} --data_dir={data_dir}")
+          f"{what} not prepared in {data_dir} and data.auto_prepare is off; prepare "
+          f"{it} with: {prepare_command(data_cfg, data_dir)}")
+  if data_cfg.name == tfds_access.FILES:
+    return  # the builder is named by the files' fingerprint: it is theirs
+  if data_cfg.name == tfds_access.EMBEDDED:
     if tfds_access.is_prepared(builder):
       recorded = (builder.info.metadata or {}).get("fingerprint")
       current = _stdlib_corpus.corpus_fingerprint()
@@ -148,21 +163,35 @@ class RunData:
       raise ConfigError(
           f"The training tokens of {self.cfg.name!r} are not prepared "
           f"({self.cache_path(self.cfg.train_split)} is missing); prepare them with: "
-          f"python3 -m moejax.data.prepare --dataset={self.cfg.name} "
-          f"--data_dir={self.data_dir}")
+          f"{prepare_command(self.cfg, self.data_dir)}")
     stream = self.stream(self.cfg.train_split)
     return stream[:limit] if limit > 0 else stream
 
   def train_iterator(self, *, seq_len, global_batch, seed, process_index=0,
                      process_count=1, rows=None) -> BatchIterator:
-    return BatchIterator(self.stream(self.cfg.train_split), seq_len=seq_len,
+    """Refuses a training split shorter than one batch: the iterator would repeat
+    its few windows inside every batch."""
+    stream = self.stream(self.cfg.train_split)
+    if len(stream) < global_batch * (seq_len + 1):
+      raise ConfigError(
+          f"The training split of {self.cfg.name!r} holds {len(stream):,} tokens, fewer "
+          f"than one batch of --config.train.global_batch={global_batch} x "
+          f"(--config.data.seq_len={seq_len} + 1) = {global_batch * (seq_len + 1):,} "
+          "tokens; add text, or lower global_batch or seq_len.")
+    return BatchIterator(stream, seq_len=seq_len,
                          global_batch=global_batch, seed=seed, shuffle=True,
                          bos_id=self.tokenizer.bos_id, process_index=process_index,
                          process_count=process_count, rows=rows)
 
   def eval_iterator(self, *, seq_len, global_batch, process_index=0, process_count=1,
                     rows=None) -> BatchIterator:
-    return BatchIterator(self.stream(self.cfg.eval_split), seq_len=seq_len,
+    stream = self.stream(self.cfg.eval_split)
+    if len(stream) < seq_len + 1:
+      raise ConfigError(
+          f"The validation split of {self.cfg.name!r} holds {len(stream):,} tokens, fewer "
+          f"than one sequence of --config.data.seq_len={seq_len} + 1; lower seq_len or "
+          "give it more text (data.eval_fraction or data.eval_files for local files).")
+    return BatchIterator(stream, seq_len=seq_len,
                          global_batch=global_batch, seed=0, shuffle=False,
                          bos_id=self.tokenizer.bos_id, process_index=process_index,
                          process_count=process_count, rows=rows)

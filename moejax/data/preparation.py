@@ -39,7 +39,7 @@ def _version(builder) -> str:
 def tokenizer_path(data_cfg, data_dir: str) -> str:
   """Keyed by dataset, version, content fingerprint (where recorded) and vocab:
   a rebuilt corpus with other content never reuses a tokenizer trained on the old."""
-  builder = tfds_access.get_builder(data_cfg.name, data_dir)
+  builder = tfds_access.builder_for(data_cfg, data_dir)
   name = data_cfg.name.replace("/", "__")
   fingerprint = (builder.info.metadata or {}).get("fingerprint")
   content = f"-{fingerprint[:12]}" if fingerprint else ""
@@ -60,35 +60,56 @@ def _load_sentencepiece(path: str) -> SentencePieceTokenizer:
 
 
 def cache_path(data_cfg, data_dir: str, tokenizer, split: str) -> str:
-  builder = tfds_access.get_builder(data_cfg.name, data_dir)
-  d = token_cache.cache_dir(data_dir, data_cfg.name, _version(builder), tokenizer.fingerprint)
+  """Keyed by dataset, its files' builder config (one per set of files), version
+  and tokenizer: the byte tokenizer is the same for every set of files."""
+  builder = tfds_access.builder_for(data_cfg, data_dir)
+  files_config = builder.builder_config.name if data_cfg.name == tfds_access.FILES else ""
+  d = token_cache.cache_dir(data_dir, data_cfg.name, _version(builder), tokenizer.fingerprint,
+                            config=files_config)
   return os.path.join(d, f"{split.replace('/', '_')}.npy")
+
+
+# What a prepared corpus records about its content (builder metadata), copied
+# into corpus.json and the token caches' .json files.
+_CONTENT_KEYS = ("fingerprint", "python_version", "root", "files", "documents")
 
 
 def _corpus_meta(builder) -> dict:
   meta = dict(dataset=builder.name, version=_version(builder))
   extra = getattr(builder.info, "metadata", None) or {}
-  meta.update({k: extra[k] for k in ("fingerprint", "python_version") if k in extra})
+  meta.update({k: extra[k] for k in _CONTENT_KEYS if k in extra})
   return meta
+
+
+def _text_feature(data_cfg) -> str:
+  """Local files store every document under "text"; text_key named it in the files."""
+  return "text" if data_cfg.name == tfds_access.FILES else data_cfg.text_key
+
+
+def _describe(data_cfg, data_dir: str) -> str:
+  if data_cfg.name == tfds_access.FILES:
+    return f"the files {data_cfg.files!r} in {data_dir}"
+  return f"the embedded corpus (Python standard library source) in {data_dir}"
 
 
 def prepare_all(data_cfg, data_dir: str) -> None:
   with _file_lock(data_dir):
-    builder = tfds_access.get_builder(data_cfg.name, data_dir)
+    builder = tfds_access.builder_for(data_cfg, data_dir)
     if not tfds_access.is_prepared(builder):
-      if data_cfg.name != tfds_access.EMBEDDED:
+      if data_cfg.name not in (tfds_access.EMBEDDED, tfds_access.FILES):
         raise RuntimeError(f"{data_cfg.name} is not prepared in {data_dir}")  # check_ready says how
       start = time.time()
-      log(f"preparing the embedded corpus (Python standard library source) in {data_dir}")
+      log(f"preparing {_describe(data_cfg, data_dir)}")
       import tensorflow_datasets as tfds
       tfds.disable_progress_bar()
       builder.download_and_prepare(
           download_config=tfds.download.DownloadConfig(try_download_gcs=False))
       tfds_access.forget_builders()
-      builder = tfds_access.get_builder(data_cfg.name, data_dir)
+      builder = tfds_access.builder_for(data_cfg, data_dir)
       log(f"corpus ready in {time.time() - start:.1f} s: {builder.data_path}")
     corpus_json = os.path.join(builder.data_path, "corpus.json")
-    if data_cfg.name == tfds_access.EMBEDDED and not os.path.exists(corpus_json):
+    if (data_cfg.name in (tfds_access.EMBEDDED, tfds_access.FILES)
+        and not os.path.exists(corpus_json)):
       tmp = f"{corpus_json}.{os.getpid()}.tmp"  # unique per process
       with open(tmp, "w") as f:
         json.dump(_corpus_meta(builder), f, indent=2)
@@ -100,7 +121,7 @@ def prepare_all(data_cfg, data_dir: str) -> None:
         log(f"training a sentencepiece tokenizer (vocab {data_cfg.vocab_size}) on "
              f"{data_cfg.name}/{data_cfg.train_split}")
         train_sentencepiece(tfds_access.read_texts(builder, data_cfg.train_split,
-                                                   data_cfg.text_key),
+                                                   _text_feature(data_cfg)),
                             data_cfg.vocab_size, path)
         log(f"tokenizer ready in {time.time() - start:.1f} s: {path}")
     tokenizer = tokenizer_for(data_cfg, data_dir)
@@ -111,7 +132,7 @@ def prepare_all(data_cfg, data_dir: str) -> None:
       start = time.time()
       meta = dict(_corpus_meta(builder), split=split,
                   tokenizer_fingerprint=tokenizer.fingerprint)
-      info = token_cache.build(path, tfds_access.read_texts(builder, split, data_cfg.text_key),
-                               tokenizer, meta)
+      texts = tfds_access.read_texts(builder, split, _text_feature(data_cfg))
+      info = token_cache.build(path, texts, tokenizer, meta)
       log(f"tokenized {split}: {info['documents']:,} documents, {info['tokens']:,} tokens "
            f"from {info['bytes']:,} bytes in {time.time() - start:.1f} s")

@@ -14,6 +14,7 @@ import tensorflow_datasets as tfds
 from moejax.errors import ConfigError
 
 EMBEDDED = "stdlib_source"
+FILES = "files"  # local text files (local_files.py)
 
 
 def disable_gcs() -> None:
@@ -43,8 +44,29 @@ def get_builder(name: str, data_dir: str):
         "'synthetic', or a TFDS catalog name such as 'lm1b'.") from None
 
 
+def builder_for(data_cfg, data_dir: str):
+  """The builder of a data config: `get_builder` by name, or, for `files`, the
+  builder of the files the config matches now (one per content fingerprint).
+
+  Reads and hashes the matched files (cached until one changes); a problem with
+  them is raised here as a ConfigError.
+  """
+  if data_cfg.name != FILES:
+    return get_builder(data_cfg.name, data_dir)
+  from moejax.data import local_files
+  return _files_builder(local_files.scan(local_files.Settings.of(data_cfg)), data_dir)
+
+
+@functools.lru_cache(maxsize=16)
+def _files_builder(corpus, data_dir: str):
+  disable_gcs()
+  from moejax.data import local_files
+  return local_files.builder(corpus, data_dir)
+
+
 def forget_builders() -> None:
   get_builder.cache_clear()
+  _files_builder.cache_clear()
 
 
 def is_prepared(builder) -> bool:

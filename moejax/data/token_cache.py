@@ -1,6 +1,7 @@
 """Each split tokenized once into a flat token stream, cached as .npy.
 
   <data_dir>/moejax_cache/<dataset>/<version>/<tokenizer fingerprint[:16]>/<split>.npy
+  (local files: <dataset> is files/<content fingerprint[:16]>)
   ... and <split>.json: documents, tokens, bytes, dataset and tokenizer ids.
 
 The stream is [bos, doc0, bos, doc1, ...] (see packing.py) in uint16 when the
@@ -20,8 +21,11 @@ from absl import logging
 from moejax.data.packing import concat_documents
 
 
-def cache_dir(data_dir: str, dataset: str, version: str, tokenizer_fingerprint: str) -> str:
-  return os.path.join(data_dir, "moejax_cache", dataset.replace("/", "__"), str(version),
+def cache_dir(data_dir: str, dataset: str, version: str, tokenizer_fingerprint: str,
+              config: str = "") -> str:
+  """`config` names one of a dataset's builder configs (local files: one per content)."""
+  return os.path.join(data_dir, "moejax_cache", dataset.replace("/", "__"),
+                      *([config] if config else []), str(version),
                       tokenizer_fingerprint[:16])
 
 
