@@ -18,17 +18,6 @@ import time
 
 from absl import app, flags, logging
 
-flags.DEFINE_string("workdir", None, "The training run's directory.", required=True)
-flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
-flags.DEFINE_string("prompt", "", "Text to continue (BOS is put before it).")
-flags.DEFINE_integer("max_new_tokens", 200, "Tokens to draw per sample.")
-flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
-flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = all).")
-flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens reaching this "
-                   "probability mass (1 = all).")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
-flags.DEFINE_integer("num_samples", 1, "Samples drawn at once (one batch).")
-flags.DEFINE_string("output", "", "Also write the samples and options to this JSON file.")
 FLAGS = flags.FLAGS
 
 
@@ -104,5 +93,22 @@ def main(argv):
     write_json(FLAGS.output, result)
 
 
+def define_flags():
+  """The command line; defined only when run as a program, so that importing
+  this module next to another command's module does not clash."""
+  flags.DEFINE_string("workdir", None, "The training run's directory.", required=True)
+  flags.DEFINE_integer("step", None, "Checkpoint step (default: the latest).")
+  flags.DEFINE_string("prompt", "", "Text to continue (BOS is put before it).")
+  flags.DEFINE_integer("max_new_tokens", 200, "Tokens to draw per sample.")
+  flags.DEFINE_float("temperature", 0.8, "Softmax temperature; 0 = greedy.")
+  flags.DEFINE_integer("top_k", 0, "Keep only the k most likely tokens (0 = all).")
+  flags.DEFINE_float("top_p", 1.0, "Keep the smallest set of tokens reaching this "
+                     "probability mass (1 = all).")
+  flags.DEFINE_integer("seed", 0, "Sampling seed.")
+  flags.DEFINE_integer("num_samples", 1, "Samples drawn at once (one batch).")
+  flags.DEFINE_string("output", "", "Also write the samples and options to this JSON file.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

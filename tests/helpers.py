@@ -40,12 +40,23 @@ def config_flags(overrides: dict) -> list[str]:
 def run_py(args: list[str], *, devices: int = 1, timeout: int = 300,
            env: dict | None = None, **popen_kw):
   """Runs `python run.py ARGS` with `devices` fake CPU devices."""
+  return _run([os.path.join(ROOT, "run.py"), *args], devices=devices, timeout=timeout,
+              env=env, **popen_kw)
+
+
+def run_module(module: str, args: list[str], *, devices: int = 1, timeout: int = 300,
+               env: dict | None = None, **popen_kw):
+  """Runs `python -m MODULE ARGS` (e.g. moejax.evaluate) with `devices` fake CPU devices."""
+  return _run(["-m", module, *args], devices=devices, timeout=timeout, env=env, **popen_kw)
+
+
+def _run(argv: list[str], *, devices: int, timeout: int, env: dict | None, **popen_kw):
   full_env = dict(os.environ)
   full_env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
   full_env["JAX_PLATFORMS"] = "cpu"
   full_env["PYTHONUNBUFFERED"] = "1"
   full_env.update(env or {})
-  cmd = [sys.executable, os.path.join(ROOT, "run.py"), *args]
+  cmd = [sys.executable, *argv]
   return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                         env=full_env, cwd=ROOT, **popen_kw)
 

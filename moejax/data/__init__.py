@@ -58,8 +58,9 @@ def prepare_command(data_cfg, data_dir: str) -> str:
   return command + f" --tokenizer={data_cfg.tokenizer} --vocab_size={data_cfg.vocab_size}"
 
 
-def check_ready(data_cfg) -> None:
-  """Raises ConfigError, with the command that fixes it, if data can't be had."""
+def check_ready(data_cfg, *, splits=None) -> None:
+  """Raises ConfigError, with the command that fixes it, if data can't be had.
+  splits: the splits that must exist (default: the train and eval splits)."""
   if data_cfg.tokenizer not in TOKENIZERS:
     raise ConfigError(f"Unknown --config.data.tokenizer={data_cfg.tokenizer!r}; "
                       f"choose one of {list(TOKENIZERS)}.")
@@ -101,7 +102,7 @@ def check_ready(data_cfg) -> None:
         f"{tfds_access.file_format(builder)}, which needs TensorFlow to read; convert it "
         f"with: tfds convert_format --dataset_dir={builder.data_path} "
         "--out_file_format=array_record")
-  for split in (data_cfg.train_split, data_cfg.eval_split):
+  for split in splits or (data_cfg.train_split, data_cfg.eval_split):
     if split not in builder.info.splits:
       raise ConfigError(
           f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
@@ -122,11 +123,13 @@ class RunData:
     data.train_tokens(limit)             # the first tokens of the training split
   """
 
-  def __init__(self, data_cfg):
+  def __init__(self, data_cfg, *, tokenizer=None):
+    """tokenizer: read the data with this one (another run's) instead of its own."""
     self.cfg = data_cfg
     self.synthetic = data_cfg.name == SYNTHETIC
     self.data_dir = None if self.synthetic else resolve_data_dir(data_cfg)
     self._info = None
+    self._given_tokenizer = tokenizer
 
   @classmethod
   def prepare(cls, data_cfg) -> "RunData":
@@ -136,8 +139,22 @@ class RunData:
       _prepare.prepare_all(data_cfg, data.data_dir)
     return data
 
+  @classmethod
+  def for_tokenizer(cls, data_cfg, tokenizer, *, splits) -> "RunData":
+    """This dataset read with a trained run's tokenizer (scoring a model on data it
+    was not trained on): prepares the corpus if it is the embedded one or local
+    files, and tokenizes `splits` with `tokenizer` once, into caches keyed by the
+    tokenizer's fingerprint."""
+    check_ready(data_cfg, splits=splits)
+    data = cls(data_cfg, tokenizer=tokenizer)
+    if not data.synthetic:
+      _prepare.prepare_all(data_cfg, data.data_dir, tokenizer=tokenizer, splits=splits)
+    return data
+
   @functools.cached_property
   def tokenizer(self):
+    if self._given_tokenizer is not None:
+      return self._given_tokenizer
     if self.synthetic:
       return ByteTokenizer()
     return _prepare.tokenizer_for(self.cfg, self.data_dir)
@@ -202,6 +219,18 @@ class RunData:
     if self._info is None:
       self._info = self._read_info()
     return self._info
+
+  def split_info(self, split: str) -> dict:
+    """What identifies one split as read here: dataset, tokenizer, tokens, bytes."""
+    tok = self.tokenizer
+    info = dict(name=self.cfg.name, split=split, tokenizer_fingerprint=tok.fingerprint,
+                vocab_size=tok.vocab_size)
+    if self.synthetic:
+      return dict(info, tokens=int(len(self.stream(split))))
+    meta = token_cache.load_info(self.cache_path(split))
+    return dict(info, documents=meta["documents"], tokens=meta["tokens"],
+                bytes=meta["bytes"], version=meta["version"],
+                fingerprint=meta.get("fingerprint"))
 
   def _read_info(self) -> dict:
     tok, c = self.tokenizer, self.cfg

@@ -15,6 +15,7 @@ import time
 
 from moejax.data import tfds_access, token_cache
 from moejax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
+from moejax.errors import ConfigError
 
 
 def log(msg: str) -> None:
@@ -92,7 +93,10 @@ def _describe(data_cfg, data_dir: str) -> str:
   return f"the embedded corpus (Python standard library source) in {data_dir}"
 
 
-def prepare_all(data_cfg, data_dir: str) -> None:
+def prepare_all(data_cfg, data_dir: str, *, tokenizer=None, splits=None) -> None:
+  """Corpus (embedded, local files), tokenizer and the token caches of `splits`
+  (default: train and eval). With `tokenizer` (another run's), no tokenizer is
+  trained and the caches are keyed by the given one's fingerprint."""
   with _file_lock(data_dir):
     builder = tfds_access.builder_for(data_cfg, data_dir)
     if not tfds_access.is_prepared(builder):
@@ -114,7 +118,7 @@ def prepare_all(data_cfg, data_dir: str) -> None:
       with open(tmp, "w") as f:
         json.dump(_corpus_meta(builder), f, indent=2)
       os.replace(tmp, corpus_json)
-    if data_cfg.tokenizer == "sentencepiece":
+    if data_cfg.tokenizer == "sentencepiece" and tokenizer is None:
       path = tokenizer_path(data_cfg, data_dir)
       if not os.path.exists(path):
         start = time.time()
@@ -124,8 +128,11 @@ def prepare_all(data_cfg, data_dir: str) -> None:
                                                    _text_feature(data_cfg)),
                             data_cfg.vocab_size, path)
         log(f"tokenizer ready in {time.time() - start:.1f} s: {path}")
-    tokenizer = tokenizer_for(data_cfg, data_dir)
-    for split in (data_cfg.train_split, data_cfg.eval_split):
+    tokenizer = tokenizer or tokenizer_for(data_cfg, data_dir)
+    for split in splits or (data_cfg.train_split, data_cfg.eval_split):
+      if split not in builder.info.splits:
+        raise ConfigError(f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
+                          f"{sorted(builder.info.splits)}).")
       path = cache_path(data_cfg, data_dir, tokenizer, split)
       if os.path.exists(path) and os.path.exists(path[:-4] + ".json"):
         continue
