@@ -179,6 +179,32 @@ def fingerprint(cfg) -> str:
   return hashlib.sha256(json.dumps(d, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
+def _added_at_default(saved, current, default) -> bool:
+  """saved == current, except fields missing from `saved` (added to the config since
+  it was written) whose current value is still their default."""
+  if isinstance(current, dict):
+    if not isinstance(saved, dict) or set(saved) - set(current):
+      return False
+    return all(
+        (current[k] == (default or {}).get(k)) if k not in saved
+        else _added_at_default(saved[k], current[k], (default or {}).get(k))
+        for k in current)
+  return saved == current
+
+
+def same_config_as_row(workdir: str, cfg) -> bool:
+  """Whether the row in `workdir` ran this config: its config.json equals cfg but
+  for fields added to moejax since then and left at their defaults (a new field
+  must not invalidate every finished row)."""
+  saved = read_json(os.path.join(workdir, "config.json"))
+  if not saved:
+    return False
+  saved, current = dict(saved), config_lib.to_dict(cfg)
+  saved.pop("name", None)
+  current.pop("name", None)
+  return _added_at_default(saved, current, config_lib.to_dict(config_lib.base_config()))
+
+
 def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | None:
   """A completed training row of any experiment under `root` with this fingerprint."""
   for path in sorted(glob.glob(os.path.join(root, "*", scale, "*", "row.json"))):
@@ -267,7 +293,8 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     row, cfg = configs[i]
     workdir = row_workdir(root, name, scale, row)
     done = read_json(os.path.join(workdir, "row.json")) or {}
-    if done.get("fingerprint") not in (None, fingerprint(cfg)):
+    if (done.get("fingerprint") not in (None, fingerprint(cfg))
+        and not same_config_as_row(workdir, cfg)):
       raise ConfigError(f"Row {registry.row_name(row)} in {workdir} was run with another "
                         f"config than the sweep now builds (its fingerprint differs); give "
                         f"the changed sweep a new --workdir, or delete that row to rerun it.")

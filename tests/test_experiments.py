@@ -343,6 +343,19 @@ def test_rerun_skips_completed_rows_and_equal_configs_are_reused(register, tmp_p
   assert read(reused / "row.json")["reused_from"] == str(base.resolve())
   assert metrics.read_bytes() == before[0]
 
+  # A row that ran before a config field existed (its config.json lacks the
+  # field, its fingerprint differs) still counts as done while the field keeps
+  # its default.
+  saved = read(base / "config.json")
+  del saved["data"]["eval_fraction"]
+  (base / "config.json").write_text(json.dumps(saved))
+  row = read(base / "row.json")
+  row["fingerprint"] = "0" * 16
+  (base / "row.json").write_text(json.dumps(row))
+  records, said = sweep_quietly("fake_a", tmp_path)
+  assert records[0]["status"] == "completed" and "already completed" in said
+  assert not trained
+
   # A completed row whose config the sweep now builds differently is not
   # passed off as done: the sweep stops, naming the row, before training.
   register("fake_a", [train_row("base", **{"train.learning_rate": 1e-3})])
