@@ -58,6 +58,15 @@ def test_looped_moe_with_l3_trains_logs_diagnostics_and_saves_its_allocation(tmp
   cfg = tiny_config(**OVERRIDES)
   expected = l3_allocation.load_or_build(cfg.data, cfg.l3, data_lib.vocab_size(cfg.data))
   assert len(saved) == 2 and all(np.array_equal(s, expected) for s in saved)
+
+  # moejax.evaluate restores the looped model with its L3 tables (the saved
+  # allocation, not a stand-in) and scores as the trainer did, on the run's mesh
+  # and on one device.
+  from moejax.evaluate import evaluate_run
+  for one_device in (False, True):
+    record = evaluate_run(str(tmp_path), max_batches=2, one_device=one_device,
+                          say=lambda _: None)
+    assert record["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
   assert int(expected.sum()) == 1024 and expected.max() == 8 and expected.min() >= 1
 
 
