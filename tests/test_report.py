@@ -156,9 +156,9 @@ def test_final_json_wins_over_metrics_and_derived_is_added(summary):
   assert s["stats"]["bad"]["metrics"]["eval/loss"]["n"] == 2
 
 
-def test_every_verdict_branch(summary):
+def test_every_unpaired_verdict_branch(summary):
   s, _ = summary
-  got = {c["text"]: c for c in s["claims"]}
+  got = {c["text"]: c["unpaired"] for c in s["claims"]}
   assert got["good beats base"]["verdict"] == stats.REPRODUCED
   assert got["good beats base"]["d"] == pytest.approx(-0.5)
   assert got["good beats base"]["t"] == pytest.approx(2 * math.sqrt(0.02))
@@ -180,12 +180,79 @@ def test_every_verdict_branch(summary):
   assert got["base logs nothing"]["verdict"] == stats.NO_DATA
 
 
+def test_every_paired_verdict_branch(summary):
+  """Per-seed differences of the fake runs, by hand (two seeds: t(0.975, 1) = 12.706)."""
+  s, _ = summary
+  got = {c["text"]: c for c in s["claims"]}
+  t1 = 12.706204736174698
+  good = got["good beats base"]  # differences -0.5, -0.5: no spread
+  assert good["d"] == pytest.approx(-0.5) and good["sd"] == pytest.approx(0.0)
+  assert good["pairs"] == 2 and good["verdict"] == stats.REPRODUCED
+  assert got["bad beats base"]["verdict"] == stats.CONTRADICTED
+  # near_tie - base: 0.05, -0.05 -> d = 0, sd = 0.0707, half-width 12.706 * 0.05
+  tie = got["near_tie beats base"]
+  assert tie["d"] == pytest.approx(0.0, abs=1e-12) and tie["sd"] == pytest.approx(math.sqrt(0.005))
+  assert tie["half_width"] == pytest.approx(t1 * 0.05)
+  assert tie["low"] == pytest.approx(-t1 * 0.05) and tie["verdict"] == stats.INCONCLUSIVE
+  assert got["near_tie matches base"]["verdict"] == stats.INCONCLUSIVE
+  assert got["good matches base"]["verdict"] == stats.CONTRADICTED  # [-0.5, -0.5] outside
+  assert got["solo is below 4"]["verdict"] == stats.ONE_SEED
+  assert got["solo is below 4"]["d"] == pytest.approx(-0.7)
+  assert got["ghost beats base"]["verdict"] == stats.NOT_RUN
+  assert got["base is above good"]["verdict"] == stats.REPRODUCED
+  # against a value: 0.9 - 1.2, 0.8 - 1.2 -> d = -0.35, sd 0.0707; interval
+  # -0.35 +- 12.706 * 0.05 = [-0.985, 0.285] contains 0: inconclusive here, where
+  # the unpaired rule (t = 2 sd) said contradicted.
+  entropy = got["good stays balanced: 100% & more"]
+  assert entropy["d"] == pytest.approx(-0.35)
+  assert entropy["high"] == pytest.approx(-0.35 + t1 * 0.05)
+  assert entropy["verdict"] == stats.INCONCLUSIVE
+  assert got["base logs nothing"]["verdict"] == stats.NO_DATA
+
+
+def _two_arms(a_values, b_values, seeds=(0, 1, 2)):
+  return {"a": dict(rows=len(seeds), completed=len(a_values),
+                    metrics={"m": stats.stat(a_values, seeds[:len(a_values)])}),
+          "b": dict(rows=len(seeds), completed=len(b_values),
+                    metrics={"m": stats.stat(b_values, seeds[:len(b_values)])})}
+
+
+def test_paired_resolves_what_unpaired_cannot():
+  """Seeds far apart (std 0.5) but a steady per-seed gap: differences -0.05, -0.06,
+  -0.04 -> d = -0.05, sd = 0.01, half-width t(0.975, 2) * 0.01 / sqrt(3) with
+  t(0.975, 2) = 4.302653, so [-0.07484, -0.02516]: reproduced. Unpaired, the
+  means differ by 0.05 against t = 2 x 0.4975: inconclusive."""
+  arm_stats = _two_arms([3.0, 3.5, 4.0], [3.05, 3.56, 4.04])
+  v = stats.verdict(Claim("a below b", "m", "a", "less", than_arm="b"), arm_stats)
+  half = 4.302652729911275 * 0.01 / math.sqrt(3)
+  assert v["d"] == pytest.approx(-0.05) and v["sd"] == pytest.approx(0.01)
+  assert v["low"] == pytest.approx(-0.05 - half) and v["high"] == pytest.approx(-0.05 + half)
+  assert v["verdict"] == stats.REPRODUCED and v["pairs"] == 3
+  assert v["unpaired"]["verdict"] == stats.INCONCLUSIVE
+  # sample variances: a 0.25, b (0.25 + 0.0001 + 0.2401) / 2 = 0.2451
+  assert v["unpaired"]["t"] == pytest.approx(2 * math.sqrt((0.25 + 0.2451) / 2))
+  # close with tolerance 0.1: [-0.0748, -0.0252] lies inside: reproduced; 0.03: not all
+  close = Claim("a matches b", "m", "a", "close", than_arm="b", tolerance=0.1)
+  assert stats.verdict(close, arm_stats)["verdict"] == stats.REPRODUCED
+  close = Claim("a matches b", "m", "a", "close", than_arm="b", tolerance=0.03)
+  assert stats.verdict(close, arm_stats)["verdict"] == stats.INCONCLUSIVE
+  close = Claim("a matches b", "m", "a", "close", than_arm="b", tolerance=0.02)
+  assert stats.verdict(close, arm_stats)["verdict"] == stats.CONTRADICTED
+
+
+def test_only_seeds_both_arms_completed_are_paired():
+  arm_stats = _two_arms([1.0, 2.0, 3.0], [1.5, 2.4])  # b's seed 2 did not complete
+  v = stats.verdict(Claim("a below b", "m", "a", "less", than_arm="b"), arm_stats)
+  assert v["seeds"] == [0, 1] and v["d"] == pytest.approx(-0.45)
+  assert v["sd"] == pytest.approx(math.sqrt(0.005))
+
+
 def test_greater_inside_noise_is_inconclusive():
-  arm_stats = {"a": dict(rows=2, completed=2, metrics={"m": stats.stat([1.0, 1.2])}),
-               "b": dict(rows=2, completed=2, metrics={"m": stats.stat([1.05, 1.25])})}
-  v = stats.verdict(Claim("a above b", "m", "a", "greater", than_arm="b"), arm_stats)
+  arm_stats = _two_arms([1.0, 1.2], [1.05, 1.25], seeds=(0, 1))
+  v = stats.unpaired_verdict(Claim("a above b", "m", "a", "greater", than_arm="b"), arm_stats)
   assert v["verdict"] == stats.INCONCLUSIVE and v["d"] == pytest.approx(-0.05)
-  v = stats.verdict(Claim("a above 0.5", "m", "a", "greater", than_value=0.5), arm_stats)
+  v = stats.unpaired_verdict(Claim("a above 0.5", "m", "a", "greater", than_value=0.5),
+                             arm_stats)
   assert v["verdict"] == stats.REPRODUCED
 
 

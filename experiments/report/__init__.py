@@ -97,9 +97,7 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
   say(f"{experiment.name}/{scale}: {len(done)} of {len(runs_found)} rows completed"
       + (f"; not completed: {', '.join(bad)}" if bad else ""))
   for c in claims:
-    detail = "" if c["d"] is None else f": d = {render.format_number(c['metric'], c['d'])}" + (
-        "" if c["t"] is None else f", t = {render.format_number(c['metric'], c['t'])}")
-    say(f"  [{c['verdict']}] {c['text']}{detail}")
+    say(f"  [{c['verdict']}] {c['text']}{render.paired_detail(c)}")
   for w in summary["warnings"]:
     say(f"  warning: {w}")
   say("wrote " + ", ".join(paths + [os.path.join(out, p) for p in written]))

@@ -48,6 +48,32 @@ def _than(c: dict, pm: str = " ± ", missing: str = "—") -> str:
   return f"{c['than_arm']}: {format_stat(c['metric'], c['theirs'], pm=pm, missing=missing)}"
 
 
+def paired_interval_text(c: dict, missing: str = "—") -> str:
+  """"d [low, high] (n=k)" of a claim's paired differences, or `missing`."""
+  m = c["metric"]
+  if c["d"] is None:
+    return missing
+  if c["low"] is None:
+    return f"{format_number(m, c['d'])} (n={c['pairs']})"
+  return (f"{format_number(m, c['d'])} [{format_number(m, c['low'])}, "
+          f"{format_number(m, c['high'])}] (n={c['pairs']})")
+
+
+def paired_detail(c: dict) -> str:
+  """": paired d = ... [95% CI]" for a progress line ('' without a difference)."""
+  text = paired_interval_text(c, missing="")
+  return f": paired d = {text}" if text else ""
+
+
+def unpaired_text(c: dict, missing: str = "—") -> str:
+  u = c["unpaired"]
+  if u["d"] is None:
+    return missing
+  m = c["metric"]
+  t = "" if u["t"] is None else f", t = {format_number(m, u['t'])}"
+  return f"d = {format_number(m, u['d'])}{t}: {u['verdict']}"
+
+
 def _md(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
@@ -84,19 +110,29 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
     lines.append(f"| {_md(arm)} | {a['completed']}/{a['rows']} | " + " | ".join(cells) + " |")
   lines += ["", "## Claims", ""]
   if s["claims"]:
-    lines.append("| # | Claim | Metric | Relation | Ours | Than | d | t = 2s | Verdict |")
+    lines.append("| # | Claim | Metric | Relation | Ours | Than | Paired d [95% CI] | "
+                 "Verdict | Unpaired (t = 2s) |")
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(s["claims"], 1):
       lines.append(
           f"| {i} | {_md(c['text'])} | {_md(c['metric'])} | {_relation(c)} | "
           f"{_md(c['arm'])}: {format_stat(c['metric'], c['ours'])} | {_md(_than(c))} | "
-          f"{format_number(c['metric'], c['d'])} | {format_number(c['metric'], c['t'])} | "
-          f"**{c['verdict']}** |")
+          f"{paired_interval_text(c)} | **{c['verdict']}** | {_md(unpaired_text(c))} |")
   else:
     lines.append("This experiment states no claims.")
+  paired = [(i, c) for i, c in enumerate(s["claims"], 1) if c.get("half_width") is not None]
   lines += ["", "## Noise floor", "",
-            "Pooled seed-to-seed std of each claimed metric: sqrt(mean of the per-arm sample "
-            "variances) over the arms with at least 2 completed seeds.", ""]
+            "Paired: the half-width of each claim's 95% interval, the smallest difference "
+            "these seeds resolve, and the std of its per-seed differences.", ""]
+  if paired:
+    lines += ["| # | Metric | Half-width | Std of paired differences | Pairs |",
+              "|---|---|---|---|---|"]
+    lines += [f"| {i} | {_md(c['metric'])} | {format_number(c['metric'], c['half_width'])} | "
+              f"{format_number(c['metric'], c['sd'])} | {c['pairs']} |" for i, c in paired]
+  else:
+    lines.append("No claim has two paired seeds yet.")
+  lines += ["", "Unpaired: the pooled seed-to-seed std of each claimed metric, sqrt(mean of "
+            "the per-arm sample variances) over the arms with at least 2 completed seeds.", ""]
   if s["noise_floor"]:
     lines += ["| Metric | Pooled std | Arms |", "|---|---|---|"]
     for metric, nf in s["noise_floor"].items():
@@ -144,15 +180,18 @@ def render_latex(summary: dict) -> str:
                  + r" \\")
   lines += [r"\bottomrule", r"\end{tabular}", ""]
   if s["claims"]:
-    lines += [r"\begin{tabular}{p{6cm} l l l l r r l}", r"\toprule",
-              r"Claim & Metric & Relation & Ours & Than & $d$ & $t$ & Verdict \\", r"\midrule"]
+    lines += [r"\begin{tabular}{p{6cm} l l l l r r r l}", r"\toprule",
+              r"Claim & Metric & Relation & Ours & Than & paired $d$ & 95\% CI low & high & "
+              r"Verdict \\", r"\midrule"]
     for c in s["claims"]:
       ours = f"{tex_escape(c['arm'])}: {format_stat(c['metric'], c['ours'], pm=pm, missing=dash)}"
       than = _than(c, pm="\0", missing=dash)  # escaped first, then the \pm put in
       lines.append(" & ".join([
           tex_escape(c["text"]), tex_escape(c["metric"]), tex_escape(_relation(c)), ours,
           tex_escape(than).replace("\0", pm), format_number(c["metric"], c["d"], missing=dash),
-          format_number(c["metric"], c["t"], missing=dash), tex_escape(c["verdict"])]) + r" \\")
+          format_number(c["metric"], c["low"], missing=dash),
+          format_number(c["metric"], c["high"], missing=dash),
+          tex_escape(c["verdict"])]) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}", ""]
   lines.append(f"% Verdict rule: {tex_escape(s['rule'])}")
   return "\n".join(lines) + "\n"
