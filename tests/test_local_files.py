@@ -15,7 +15,7 @@ import moejax.data as data
 from moejax import config as config_lib
 from moejax.data import local_files, tfds_access
 from moejax.errors import ConfigError
-from tests.helpers import TINY_FLAGS, config_flags, run_module, run_py, tiny_config
+from tests.helpers import TINY_FLAGS, config_flags, run_py, tiny_config
 
 # The folder every test starts from, and its documents counted by hand: text
 # files are one document each (txt_documents=file), or one per blank-line block.
@@ -287,24 +287,24 @@ def test_run_py_trains_on_a_folder_of_text_files(tmp_path):
   assert (tmp_path / "tfds" / "moejax_cache" / "files" / fp[:16]).is_dir()
 
   # The README's worked example goes on: score the checkpoint on the embedded
-  # corpus and on the folder's validation split, then sample from it.
+  # corpus and on the folder's validation split, then sample from it (in this
+  # process: tests/test_evaluate.py and tests/test_sample.py run the commands).
+  from moejax.evaluate import evaluate_run
+  from moejax.sample import sample
   workdir = str(tmp_path / "run")
+  quiet = dict(say=lambda _: None)
   embedded_dir = os.path.expanduser(os.environ.get("TFDS_DATA_DIR") or "~/tensorflow_datasets")
-  r = run_module("moejax.evaluate", [f"--workdir={workdir}", "--dataset=stdlib_source",
-                                     f"--data_dir={embedded_dir}", "--max_batches=2"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "step 10 on stdlib_source/validation: loss" in r.stdout
+  other = evaluate_run(workdir, dataset="stdlib_source", data_dir=embedded_dir, max_batches=2,
+                       **quiet)
+  assert other["dataset"]["name"] == "stdlib_source" and other["step"] == 10
   assert os.path.exists(os.path.join(workdir, "eval", "stdlib_source-validation-step10.json"))
-  r = run_module("moejax.evaluate", [f"--workdir={workdir}"])
-  assert r.returncode == 0, r.stderr[-3000:]
+  evaluate_run(workdir, **quiet)
   own = json.loads((tmp_path / "run" / "eval" /
                     f"files_{fp[:8]}-validation-step10.json").read_text())
   assert own["eval/loss"] == pytest.approx(final["eval/loss"], rel=1e-5)
   assert own["whole_split"] and own["dataset"]["fingerprint"] == fp
-  r = run_module("moejax.sample", [f"--workdir={workdir}", "--prompt=the cat",
-                                   "--max_new_tokens=16"])
-  assert r.returncode == 0, r.stderr[-3000:]
-  assert "--- sample 0 (step 10) ---\nthe cat" in r.stdout
+  drawn = sample(workdir, "the cat", max_new_tokens=16, **quiet)
+  assert drawn["step"] == 10 and len(drawn["samples"]) == 1
 
   r = run_py([*config_flags({**flags, "data.files": f"{folder}/nothing/*.txt"}),
               f"--workdir={tmp_path / 'run2'}"])

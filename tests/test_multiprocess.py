@@ -22,7 +22,9 @@ def _free_port() -> int:
 
 @pytest.mark.parametrize("mesh", [
     {"mesh.data": -1},  # each process holds half of the batch rows
-    {"mesh.data": 1, "mesh.tensor": -1},  # tensor spans processes: both hold all rows
+    # tensor spans processes: both hold all rows (slow: the same path as above but
+    # for which rows each process reads)
+    pytest.param({"mesh.data": 1, "mesh.tensor": -1}, marks=pytest.mark.slow),
 ])
 def test_two_processes_train_checkpoint_and_equal_one_process(tmp_path, mesh):
   flags = FLAGS + config_flags(mesh)

@@ -66,6 +66,7 @@ def _leaves(tree, prefix=""):
     yield prefix, np.asarray(tree)
 
 
+@pytest.mark.slow  # two short trainings; the warning's rule is also tested without training
 def test_resume_with_more_steps_warns_that_the_mohge_switch_moves(tmp_path, capsys):
   _train(tmp_path, MOHGE)
   capsys.readouterr()
@@ -74,3 +75,16 @@ def test_resume_with_more_steps_warns_that_the_mohge_switch_moves(tmp_path, caps
   assert final["step"] == 6
   out = capsys.readouterr()
   assert "train.steps changed 4 -> 6, so MoHGE's group loss switches on" in out.out + out.err
+
+
+def test_the_mohge_switch_warning_names_the_old_and_new_totals():
+  """The rule behind the resume warning, without training: only a MoHGE config whose
+  train.steps changed is warned about."""
+  from moejax import config as config_lib
+  saved = config_lib.to_dict(tiny_config(**MOHGE))
+  longer = config_lib.to_dict(tiny_config(**{**MOHGE, "train.steps": 24}))
+  warnings = config_lib.resume_warnings(saved, longer)
+  assert len(warnings) == 1 and "train.steps changed 12 -> 24" in warnings[0]
+  assert config_lib.resume_warnings(saved, saved) == []
+  dense = config_lib.to_dict(tiny_config())
+  assert config_lib.resume_warnings(dense, dict(dense, train={**dense["train"], "steps": 24})) == []
