@@ -1,6 +1,6 @@
 """Helpers the experiment files share: arms from presets, seeds x arms, last logged values."""
 
-SEEDS = {"tiny": (0, 1), "small": (0, 1), "paper": (0,)}
+SEEDS = {"tiny": (0, 1, 2), "small": (0, 1, 2), "paper": (0,)}
 
 
 def preset_arms(specs: dict, scale: str, paper: dict, extra: dict | None = None) -> dict:

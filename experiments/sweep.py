@@ -205,6 +205,19 @@ def same_config_as_row(workdir: str, cfg) -> bool:
   return _added_at_default(saved, current, config_lib.to_dict(config_lib.base_config()))
 
 
+def changed_fields(workdir: str, cfg, shown: int = 4) -> str:
+  """The fields where the row's config.json differs from cfg, for the stop message."""
+  saved = read_json(os.path.join(workdir, "config.json"))
+  if not saved:
+    return "its config.json is missing"
+  saved, current = dict(saved), config_lib.to_dict(cfg)
+  saved.pop("name", None)
+  current.pop("name", None)
+  diffs = config_lib.differences(saved, current)
+  return "; ".join(diffs[:shown]) + (f"; and {len(diffs) - shown} more" if len(diffs) > shown
+                                     else "")
+
+
 def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | None:
   """A completed training row of any experiment under `root` with this fingerprint."""
   for path in sorted(glob.glob(os.path.join(root, "*", scale, "*", "row.json"))):
@@ -217,11 +230,12 @@ def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | No
   return None
 
 
-def row_record(experiment: str, row: dict, cfg, **fields) -> dict:
-  """What row.json says of a row: what it is, plus `fields` (status, ...)."""
+def row_record(experiment: str, row: dict, cfg, settings=None, **fields) -> dict:
+  """What row.json says of a row: what it is, the launch's --set values, plus
+  `fields` (status, ...)."""
   return dict(experiment=experiment, row=registry.row_name(row), arm=row["arm"],
               seed=row["seed"], overrides=overrides(row), config=row["config"],
-              fingerprint=fingerprint(cfg), **fields)
+              settings=dict(settings or {}), fingerprint=fingerprint(cfg), **fields)
 
 
 def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale: str,
@@ -230,7 +244,7 @@ def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale
   import jax  # pylint: disable=import-outside-toplevel
   os.makedirs(workdir, exist_ok=True)
   lead = jax.process_index() == 0
-  record = row_record(experiment.name, row, cfg, started=time.time())
+  record = row_record(experiment.name, row, cfg, settings, started=time.time())
   if lead:
     write_json(os.path.join(workdir, "row.json"), dict(record, status="running"))
   try:
@@ -296,8 +310,9 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     if (done.get("fingerprint") not in (None, fingerprint(cfg))
         and not same_config_as_row(workdir, cfg)):
       raise ConfigError(f"Row {registry.row_name(row)} in {workdir} was run with another "
-                        f"config than the sweep now builds (its fingerprint differs); give "
-                        f"the changed sweep a new --workdir, or delete that row to rerun it.")
+                        f"config than the sweep now builds ({changed_fields(workdir, cfg)}); "
+                        "rerun with the launch's original --set values, give the changed "
+                        "sweep a new --workdir, or delete that row to rerun it.")
   records = []
   for i in selected:
     row, cfg = configs[i]
@@ -316,7 +331,7 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     if action == 1:
       say(f"[{i + 1}/{len(configs)}] {registry.row_name(row)}: the same config already "
           f"trained in {same}; reusing it")
-      record = row_record(name, row, cfg, status="completed", reused_from=same)
+      record = row_record(name, row, cfg, settings, status="completed", reused_from=same)
       if jax.process_index() == 0:
         os.makedirs(workdir, exist_ok=True)
         write_json(os.path.join(workdir, "row.json"), record)

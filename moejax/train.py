@@ -209,19 +209,28 @@ def evaluate(eval_step, state, eval_iter, bytes_per_token, mesh, global_batch,
     batch = to_global_batch(local, mesh, global_batch)
     pending.append(eval_step(state["params"], state["model_state"], batch,
                              bytes_per_token))
+  batch_losses = []
   for out in jax.device_get(pending):
     for k in totals:
       totals[k] += float(out[k])
-  return metrics_from_totals(totals)
+    if float(out["weight_sum"]) > 0:
+      batch_losses.append(float(out["nll_sum"]) / float(out["weight_sum"]))
+  return metrics_from_totals(totals, batch_losses)
 
 
-def metrics_from_totals(totals: dict) -> dict:
+def metrics_from_totals(totals: dict, batch_losses=()) -> dict:
   """Validation loss (nats/token), perplexity and bits per byte from summed NLL,
-  token weights and target bytes."""
+  token weights and target bytes. With the per-batch losses, also the sampling
+  error of the loss as an estimate from these batches: their std / sqrt(batches),
+  what another draw of as many batches would move it by."""
   loss = totals["nll_sum"] / max(totals["weight_sum"], 1.0)
   bpb = totals["nll_sum"] / (math.log(2) * max(totals["bytes_sum"], 1.0))
-  return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
-          "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}
+  out = {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50.0)),
+         "eval/bits_per_byte": bpb, "eval/tokens": totals["weight_sum"]}
+  if len(batch_losses) >= 2:
+    out["eval/loss_batch_se"] = float(np.std(batch_losses, ddof=1) /
+                                      math.sqrt(len(batch_losses)))
+  return out
 
 
 def model_inputs(cfg, data, vocab_size: int, *, shapes_only: bool = False, say=say) -> dict:

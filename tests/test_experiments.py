@@ -153,8 +153,9 @@ def test_a_row_without_its_keys_is_rejected(register):
 
 def test_common_rows_crosses_arms_with_seeds():
   rows = common.rows("tiny", {"a": dict(config=SPEC), "b": dict(config=SPEC, x=1)})
-  assert [(r["arm"], r["seed"]) for r in rows] == [("a", 0), ("a", 1), ("b", 0), ("b", 1)]
-  assert rows[2]["x"] == 1 and "x" not in rows[0]
+  assert [(r["arm"], r["seed"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("b", 0),
+                                                   ("b", 1), ("b", 2)]
+  assert rows[3]["x"] == 1 and "x" not in rows[0]
 
 
 def test_list_names_every_experiment():
@@ -163,6 +164,8 @@ def test_list_names_every_experiment():
   starts = {line.split()[0] for line in r.stdout.splitlines() if line and not line[0].isspace()}
   assert set(registry.NAMES) <= starts, r.stdout
   assert "--experiment=NAME" in r.stdout
+  assert "--sweep_index=3   deepseek_s0: configs/moe.py:deepseek_tiny moe.expert_ffn_dim=46" \
+      in r.stdout
 
 
 def test_dry_run_prints_budget_matches_without_training(tmp_path):
@@ -359,7 +362,8 @@ def test_rerun_skips_completed_rows_and_equal_configs_are_reused(register, tmp_p
   # A completed row whose config the sweep now builds differently is not
   # passed off as done: the sweep stops, naming the row, before training.
   register("fake_a", [train_row("base", **{"train.learning_rate": 1e-3})])
-  with pytest.raises(ConfigError, match="base_s0.*another config"):
+  with pytest.raises(ConfigError, match=r"base_s0.*another config.*train\.learning_rate: "
+                     r"0\.003 -> 0\.001"):
     sweep_quietly("fake_a", tmp_path)
   assert not trained and metrics.read_bytes() == before[0]
 

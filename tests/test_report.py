@@ -96,7 +96,9 @@ def make_runs(root, *, vectors=True, evals=True):
   """The fake experiment's row directories under root/fake/tiny (and one reused row)."""
   base = root / "fake" / "tiny"
   for (arm, seed), loss in LOSS.items():
-    row = dict(experiment="fake", row=f"{arm}_s{seed}", arm=arm, seed=seed, status="completed")
+    settings = {"data.data_dir": "/elsewhere" if (arm, seed) == ("bad", 1) else "/mnt/data"}
+    row = dict(experiment="fake", row=f"{arm}_s{seed}", arm=arm, seed=seed, status="completed",
+               settings=settings)
     final = {"status": "completed", "eval/loss": loss, "budget": {"params": 1000 + seed},
              "jax_version": "0.10.2", "devices": "1 x cpu"}
     records = vector_records(seed, loss, vectors=vectors, evals=evals)
@@ -272,7 +274,11 @@ def test_failed_row_and_reused_row_in_table(summary):
   assert "near_tie_s1 <- " in md
   assert "| base | 2/2 | 3.1000 ± 0.1414 | 1,000 ± 0.7071 |" in md  # losses 4 decimals, ints
   assert "| solo | 1/2 | 3.3000 (n=1) |" in md
+  # the command names the runs' root and the --set values most rows recorded
   assert "python run.py --experiment=fake --scale=tiny --workdir=" in md
+  assert s["command"].endswith(" --set=data.data_dir=/mnt/data")
+  assert any(w.startswith("bad_s1 was run with --set values {'data.data_dir': '/elsewhere'}")
+             for w in s["warnings"])
   assert "jax 0.10.2; devices 1 x cpu" in md
   assert "Fake runs for tests." in md and "Verdict rule:" in md
   assert "**inconclusive (one seed)**" in md and "**not run**" in md

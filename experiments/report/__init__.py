@@ -42,12 +42,31 @@ def _plain(x):
   return x
 
 
-def default_command(name: str, scale: str, runs: str) -> str:
-  """The run.py command that produces the runs this aggregates."""
+def default_command(name: str, scale: str, runs: str, settings: dict | None = None) -> str:
+  """The run.py command that produces the runs this aggregates, with every --set."""
   cmd = f"python run.py --experiment={name} --scale={scale}"
   if os.path.normpath(runs) != os.path.normpath(run_files.DEFAULT_RUNS):
     cmd += f" --workdir={runs}"
+  for key, value in sorted((settings or {}).items()):
+    cmd += f" --set={key}={value}"
   return cmd
+
+
+def launch_settings(runs_found) -> tuple[dict, list]:
+  """The --set values the rows were run with (row.json), and a warning per row
+  whose values differ from the others' (the table then mixes launches)."""
+  recorded = [(r.name, r.settings) for r in runs_found if r.settings is not None]
+  if not recorded:
+    return {}, []
+  counts = {}
+  for _, values in recorded:
+    key = json.dumps(values, sort_keys=True)
+    counts[key] = counts.get(key, 0) + 1
+  common = max(counts, key=counts.get)
+  warnings = [f"{name} was run with --set values {values}, the other rows with "
+              f"{json.loads(common)}" for name, values in recorded
+              if json.dumps(values, sort_keys=True) != common]
+  return json.loads(common), warnings
 
 
 def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
@@ -72,14 +91,15 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
              devices=sorted({str(r.summary["devices"]) for r in done if "devices" in r.summary}))
   os.makedirs(out, exist_ok=True)
   written = plots.write_plots(runs_found, arms, out)
+  settings, mixed = launch_settings(runs_found)
   summary = dict(
       experiment=experiment.name, title=experiment.title, paper=experiment.paper, scale=scale,
-      runs=runs, command=command or default_command(experiment.name, scale, runs),
+      runs=runs, command=command or default_command(experiment.name, scale, runs, settings),
       aggregate_command=(f"python -m experiments.report --experiment={experiment.name} "
                          f"--scale={scale} --runs={runs} --out={out}"),
       environment=env, columns=list(experiment.columns), arms=arms, stats=arm_stats,
       noise_floor=noise, claims=claims, rule=stats.RULE, notes=experiment.notes, plots=written,
-      warnings=[w for r in runs_found for w in r.warnings],
+      warnings=[w for r in runs_found for w in r.warnings] + mixed,
       rows=[dict(row=r.name, arm=r.arm, seed=r.seed, status=r.status, error=r.error,
                  dir=r.dir, reused_from=r.reused_from,
                  summary={k: v for k, v in r.summary.items() if run_files.is_scalar(v)})

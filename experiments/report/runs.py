@@ -24,6 +24,7 @@ class Run:
   status: str  # completed, failed, running, preempted, missing, ...
   error: str = ""
   reused_from: str | None = None
+  settings: dict | None = None  # the launch's --set values, as row.json recorded them
   summary: dict = dataclasses.field(default_factory=dict)
   records: list = dataclasses.field(default_factory=list)
   config: dict = dataclasses.field(default_factory=dict)
@@ -106,7 +107,8 @@ def load_run(experiment: registry.Experiment, scale: str, runs: str, row: dict) 
   reused = record.get("reused_from")
   source = _resolve_reused(reused, runs) if reused else rdir
   final = read_json(os.path.join(source, "final.json"))
-  run = Run(row=row, name=name, dir=rdir, source=source, status="completed", reused_from=reused)
+  run = Run(row=row, name=name, dir=rdir, source=source, status="completed", reused_from=reused,
+            settings=record.get("settings"))
   if not (isinstance(final, dict) and final.get("status") == "completed"):
     status = record.get("status") or (final or {}).get("status")
     if status is None:

@@ -5,6 +5,6 @@ is built (validation.py), what a resume may and may not change (resume.py),
 
 from moejax.config.base import base_config, parse_preset, to_dict
 from moejax.config.resume import (RESUME_FIXED_DATA, RESUME_FIXED_FIELDS,
-                                  check_resume_compatible, check_same_data,
+                                  check_resume_compatible, check_same_data, differences,
                                   resume_fixed_fields, resume_warnings)
 from moejax.config.validation import validate

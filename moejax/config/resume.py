@@ -29,12 +29,13 @@ def _lookup(tree: dict, dotted: str):
   return node
 
 
-def _differences(saved, current, prefix: str) -> list[str]:
+def differences(saved, current, prefix: str = "") -> list[str]:
+  """"field: saved -> current" for every leaf that differs between two config dicts."""
   if isinstance(saved, dict) and isinstance(current, dict):
     out = []
     for key in sorted(set(saved) | set(current)):
-      out += _differences(saved.get(key, "<missing>"), current.get(key, "<missing>"),
-                          f"{prefix}.{key}")
+      out += differences(saved.get(key, "<missing>"), current.get(key, "<missing>"),
+                         f"{prefix}.{key}" if prefix else str(key))
     return out
   return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
@@ -72,7 +73,7 @@ def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
   for field in resume_fixed_fields():
     if "." in field and field.split(".")[0] not in saved:
       continue  # a config group newer than the checkpoint: it had its defaults
-    diffs += _differences(_lookup(saved, field), _lookup(current, field), field)
+    diffs += differences(_lookup(saved, field), _lookup(current, field), field)
   if diffs:
     shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
     raise ConfigError(
