@@ -10,7 +10,7 @@ import pytest
 
 from experiments import report
 from experiments.registry import Claim, Experiment
-from experiments.report import plots, render, stats
+from experiments.report import plots, render, runs, stats
 from moejax import plotting
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -324,7 +324,7 @@ def test_no_plots_without_data(tmp_path):
 
 
 def test_eval_curve_separates_the_final_full_split_evaluation():
-  curve, final = plots.eval_curve(vector_records(0, 3.0))
+  curve, final = runs.eval_curve(vector_records(0, 3.0))
   assert curve == {20: pytest.approx(3.5), 40: pytest.approx(3.0)}
   assert final == (40, 9.9)
 
@@ -352,3 +352,21 @@ def test_cli_without_runs_says_one_sentence(tmp_path):
                      cwd=ROOT)
   assert r.returncode == 2, r.stderr
   assert "config error: There are no runs in" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_paired_interval_along_training_pairs_each_evaluation_step(summary):
+  """good - base per seed at the periodic evaluations of the fake runs: each curve is
+  loss + 1 - step / 40 at steps 20 and 40, so the difference is -0.5 at both steps,
+  for both seeds; near_tie - base is +-0.05 as at the end."""
+  s, out = summary
+  got = {c["text"]: c for c in s["claims"]}
+  curve = got["good beats base"]["along_training"]
+  assert [p["step"] for p in curve] == [20, 40]
+  assert all(p["d"] == pytest.approx(-0.5) and p["verdict"] == stats.REPRODUCED for p in curve)
+  tie = got["near_tie beats base"]["along_training"]
+  assert [p["pairs"] for p in tie] == [2, 2]
+  assert tie[0]["half_width"] == pytest.approx(12.706204736174698 * 0.05)
+  assert got["base logs nothing"]["along_training"] == []
+  assert got["good stays balanced: 100% & more"]["along_training"] == []  # not on the curve
+  md = (out / "table.md").read_text()
+  assert "## Along training" in md and "| 20 | -0.5000 ± 0.0000 R |" in md

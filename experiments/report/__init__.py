@@ -84,7 +84,9 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
   for m in claimed:
     s, used = stats.pooled_std(arm_stats, m, arms)
     noise[m] = dict(std=s, arms=used)
-  claims = [stats.verdict(c, arm_stats) for c in experiment.claims]
+  claims = [dict(stats.verdict(c, arm_stats),
+                along_training=stats.paired_along_training(c, runs_found))
+            for c in experiment.claims]
   done = [r for r in runs_found if r.completed]
   env = dict(jax_version=sorted({str(r.summary["jax_version"]) for r in done
                                  if "jax_version" in r.summary}),

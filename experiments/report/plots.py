@@ -9,19 +9,8 @@ import os
 
 import numpy as np
 
+from experiments.report.runs import eval_curve
 from moejax import extensions, plotting
-
-
-def eval_curve(records: list) -> tuple[dict, tuple | None]:
-  """step -> validation loss of the periodic evaluations, and (step, loss) of the final one
-  when it ran on a different number of tokens (train.final_eval_batches, not eval_batches),
-  so that the two are not joined into one curve."""
-  evals = [r for r in records if "eval/loss" in r and "step" in r]
-  final = None
-  if len(evals) >= 2 and evals[-1].get("eval/tokens") != evals[-2].get("eval/tokens"):
-    final = (evals[-1]["step"], evals[-1]["eval/loss"])
-    evals = evals[:-1]
-  return {r["step"]: r["eval/loss"] for r in evals}, final
 
 
 @plotting.titled("Validation loss")

@@ -138,6 +138,7 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
     for metric, nf in s["noise_floor"].items():
       lines.append(f"| {_md(metric)} | {format_number(metric, nf['std'])} | "
                    f"{_md(', '.join(nf['arms'])) or 'none with 2 seeds'} |")
+  lines += _along_training(s["claims"])
   lines += ["", "## Rows", ""]
   bad = [r for r in s["rows"] if r["status"] != "completed"]
   done = len(s["rows"]) - len(bad)
@@ -161,6 +162,33 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
     lines.append("No plots: no completed run logged the data they need.")
   lines += ["", "---", "", f"Verdict rule: {s['rule']}", ""]
   return "\n".join(lines)
+
+
+_SHORT = {"reproduced": "R", "contradicted": "C", "inconclusive": "I"}
+
+
+def _along_training(claims: list) -> list[str]:
+  """Lines of a table: each evaluation step, and for each claim on an evaluation
+  metric its paired d +- half-width there with the verdict it would get."""
+  shown = [(i, c) for i, c in enumerate(claims, 1) if c.get("along_training")]
+  if not shown:
+    return []
+  steps = sorted({p["step"] for _, c in shown for p in c["along_training"]})
+  lines = ["", "## Along training", "",
+           "Each claim's paired d ± the half-width of its 95% interval at every evaluation "
+           "step (the same batches each time), and the verdict it would get there "
+           "(R reproduced, C contradicted, I inconclusive).", "",
+           "| Step | " + " | ".join(f"#{i}" for i, _ in shown) + " |",
+           "|---|" + "---|" * len(shown)]
+  for step in steps:
+    cells = []
+    for _, c in shown:
+      p = next((p for p in c["along_training"] if p["step"] == step), None)
+      cells.append("—" if p is None else
+                   f"{format_number(c['metric'], p['d'])} ± "
+                   f"{format_number(c['metric'], p['half_width'])} {_SHORT[p['verdict']]}")
+    lines.append(f"| {step} | " + " | ".join(cells) + " |")
+  return lines
 
 
 def render_latex(summary: dict) -> str:

@@ -91,6 +91,18 @@ def summarize(workdir: str, derived=None, records: list | None = None,
   return summary, warnings
 
 
+def eval_curve(records: list, metric: str = "eval/loss") -> tuple[dict, tuple | None]:
+  """step -> `metric` of the periodic evaluations, and (step, value) of the final one
+  when it ran on a different number of tokens (train.final_eval_batches, not eval_batches),
+  so that the two are not joined into one curve."""
+  evals = [r for r in records if metric in r and "step" in r]
+  final = None
+  if len(evals) >= 2 and evals[-1].get("eval/tokens") != evals[-2].get("eval/tokens"):
+    final = (evals[-1]["step"], evals[-1][metric])
+    evals = evals[:-1]
+  return {r["step"]: r[metric] for r in evals}, final
+
+
 def _resolve_reused(path: str, runs: str) -> str:
   """The reused row's directory; if the runs root moved, the same row under `runs`."""
   if os.path.isdir(path):

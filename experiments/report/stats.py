@@ -175,3 +175,35 @@ def unpaired_verdict(claim: registry.Claim, stats: dict) -> dict:
     sign = -1.0 if claim.relation == "less" else 1.0  # the claimed direction
     result = (REPRODUCED if sign * d > t else CONTRADICTED if sign * d < -t else INCONCLUSIVE)
   return dict(out, verdict=result)
+
+
+def paired_along_training(claim: registry.Claim, runs: list) -> list[dict]:
+  """The paired interval of a claim on an evaluation metric at every evaluation step
+  that at least two seeds of both sides logged: how the verdict forms with training
+  length. Every row of a table scores the same evaluation batches at the same steps,
+  so a step's values pair like the final ones. [] for metrics not on the curve."""
+  from experiments.report.runs import eval_curve  # pylint: disable=import-outside-toplevel
+  if not claim.metric.startswith("eval/"):
+    return []
+
+  def curves(arm):
+    return {r.seed: eval_curve(r.records, claim.metric)[0] for r in runs
+            if r.arm == arm and r.completed}
+
+  mine = curves(claim.arm)
+  theirs = curves(claim.than_arm) if claim.than_arm is not None else None
+  steps = sorted({t for c in mine.values() for t in c})
+  out = []
+  for step in steps:
+    if theirs is None:
+      diffs = [c[step] - float(claim.than_value) for c in mine.values() if step in c]
+    else:
+      diffs = [mine[s][step] - theirs[s][step] for s in mine
+               if s in theirs and step in mine[s] and step in theirs[s]]
+    if len(diffs) < 2:
+      continue
+    iv = paired_interval(diffs)
+    out.append(dict(step=step, d=iv["d"], low=iv["low"], high=iv["high"],
+                    half_width=iv["half_width"], pairs=iv["n"],
+                    verdict=_decide(claim.relation, iv["low"], iv["high"], claim.tolerance)))
+  return out
