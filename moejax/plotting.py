@@ -56,6 +56,18 @@ def seed_mean(curves: list[dict]) -> tuple[list, list]:
   return steps, [float(np.mean([c[t] for c in curves])) for t in steps]
 
 
+def seed_band(curves: list[dict]) -> tuple[list, list, list]:
+  """Steps every seed logged, the mean over seeds there, and the sample std (0 with
+  one seed)."""
+  curves = [c for c in curves if c]
+  if not curves:
+    return [], [], []
+  steps = sorted(set.intersection(*(set(c) for c in curves)))
+  values = [[c[t] for c in curves] for t in steps]
+  return (steps, [float(np.mean(v)) for v in values],
+          [float(np.std(v, ddof=1)) if len(v) >= 2 else 0.0 for v in values])
+
+
 def prefixed(records: list, prefix: str) -> list[str]:
   """Keys `prefix` + one more name, e.g. aux/expert_load/layer_01 (not LoopMoE's
   aux/expert_load/layer_01/iter_0, whose pooled load is layer_01 itself)."""

@@ -370,3 +370,38 @@ def test_paired_interval_along_training_pairs_each_evaluation_step(summary):
   assert got["good stays balanced: 100% & more"]["along_training"] == []  # not on the curve
   md = (out / "table.md").read_text()
   assert "## Along training" in md and "| 20 | -0.5000 ± 0.0000 R |" in md
+
+
+def test_overview_readme_part_and_forest_plot(summary, tmp_path):
+  from experiments.report import overview
+  s, _ = summary
+  results = tmp_path / "results"
+  (results / "fake").mkdir(parents=True)
+  (results / "fake" / "summary.json").write_text(json.dumps(s))
+  loaded = overview.load_summaries(str(results), names=["fake", "absent"])
+  assert [x["experiment"] for x in loaded] == ["fake"]
+  text = overview.markdown(loaded, "results")
+  got = {c["text"]: overview.reading(c) for c in s["claims"]}
+  assert got["good beats base"] == ("good is below base on these 2 seeds: d = -0.5000 "
+                                    "(-0.5000 to -0.5000).")
+  assert got["bad beats base"].startswith("The opposite of the claim: bad minus base is 0.5000")
+  assert got["near_tie beats base"].startswith("Undecided: d = -0.0000, but the interval")
+  assert got["ghost beats base"] == "Not run yet."
+  assert "| [fake](results/fake/table.md) | 1 | good beats base | -0.5000 [-0.5000, -0.5000] " \
+         "(n=2) | **reproduced** |" in text
+  assert "2 seeds per arm" in text and "40 steps" not in text  # the fake final.json has no step
+  assert "Verdicts: contradicted 2, inconclusive" in text
+  # forest plot: loss claims with an interval only (less/greater)
+  assert overview.forest_plot(loaded, str(results / "claims.png"))
+  assert (results / "claims.png").stat().st_size > 0
+  effect = overview.claimed_effect(next(c for c in s["claims"] if c["text"] == "good beats base"))
+  assert effect == pytest.approx((0.5, 0.5, 0.5))
+  readme = tmp_path / "README.md"
+  readme.write_text(f"# Title\n\nbefore\n{overview.BEGIN}\nold table\n{overview.END}\nafter\n")
+  overview.update_readme(str(readme), text)
+  new = readme.read_text()
+  assert "old table" not in new and text in new
+  assert new.startswith("# Title\n\nbefore\n") and new.endswith(f"{overview.END}\nafter\n")
+  readme.write_text("no markers\n")
+  with pytest.raises(ValueError, match="marker lines"):
+    overview.update_readme(str(readme), text)

@@ -15,8 +15,9 @@ from moejax import extensions, plotting
 
 @plotting.titled("Validation loss")
 def plot_val_loss(runs: list, arms, path: str) -> bool:
-  """Validation loss vs step per arm (seed mean; thin lines per seed; training loss dotted;
-  a star for the final evaluation when it covered a different set of tokens)."""
+  """Validation loss vs step per arm: the mean over seeds, a band of +- one std over
+  seeds where there are two or more, and a star for a final evaluation that scored
+  a different number of tokens than the curve."""
   groups = plotting.by_arm(runs, arms, lambda r: plotting.series(r.records, "eval/loss"))
   if not groups:
     return False
@@ -26,11 +27,12 @@ def plot_val_loss(runs: list, arms, path: str) -> bool:
   for arm, mine in groups.items():
     color = plotting.arm_colour(arms, arm)
     curves = [eval_curve(r.records) for r in mine]
-    for curve, _ in curves:
-      ax.plot(sorted(curve), [curve[t] for t in sorted(curve)], color=color, lw=0.6, alpha=0.35)
-      shown += list(curve.values())
-    steps, mean = plotting.seed_mean([c for c, _ in curves])
-    ax.plot(steps, mean, color=color, lw=2, marker="o", ms=3, label=f"{arm} (n={len(mine)})")
+    steps, mean, std = plotting.seed_band([c for c, _ in curves])
+    mean, std = np.asarray(mean), np.asarray(std)
+    ax.plot(steps, mean, color=color, lw=1.8, marker="o", ms=3, label=f"{arm} (n={len(mine)})")
+    if len(mine) >= 2:
+      ax.fill_between(steps, mean - std, mean + std, color=color, alpha=0.18, lw=0)
+    shown += list(mean - std) + list(mean + std)
     finals = [f for _, f in curves if f is not None]
     if finals:
       any_final = True
@@ -38,17 +40,15 @@ def plot_val_loss(runs: list, arms, path: str) -> bool:
       ax.plot([max(s for s, _ in finals)], [float(np.mean(values))], color=color, marker="*",
               ms=11, ls="none")
       shown += values
-    steps, mean = plotting.seed_mean([plotting.series(r.records, "loss") for r in mine])
-    ax.plot(steps, mean, color=color, lw=0.8, alpha=0.3, ls=":")
   lo, hi = min(shown), max(shown)
-  pad = max(hi - lo, 1e-3) * 0.3
-  ax.set_ylim(lo - pad, hi + pad)  # early training loss is far above; it may leave the frame
+  pad = max(hi - lo, 1e-3) * 0.08
+  ax.set_ylim(lo - pad, hi + pad)
   ax.set_xlabel("step")
-  ax.set_ylabel("loss (nats/token)")
-  ax.set_title("Validation loss (seed mean; thin: seeds; dotted: training loss"
-               + ("; star: final evaluation, on more batches than the curve" if any_final else "")
-               + ")",
-               fontsize=9)
+  ax.set_ylabel("validation loss (nats/token)")
+  ax.set_title("Validation loss: mean over seeds, band ±1 std", fontsize=10)
+  if any_final:
+    ax.plot([], [], color="gray", marker="*", ms=9, ls="none",
+            label="final evaluation (more tokens)")
   ax.legend(fontsize=8)
   ax.grid(alpha=0.3)
   plotting.save(plt, fig, path)

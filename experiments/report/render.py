@@ -74,7 +74,7 @@ def unpaired_text(c: dict, missing: str = "—") -> str:
   return f"d = {format_number(m, u['d'])}{t}: {u['verdict']}"
 
 
-def _md(text) -> str:
+def md_cell(text) -> str:
   return str(text).replace("|", "\\|").replace("\n", " ")
 
 
@@ -102,12 +102,12 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
            "", "## Results", "",
            "Mean ± sample std over completed seeds (n = completed/rows per arm).", ""]
   cols = s["columns"]
-  lines.append("| Arm | n | " + " | ".join(_md(c) for c in cols) + " |")
+  lines.append("| Arm | n | " + " | ".join(md_cell(c) for c in cols) + " |")
   lines.append("|---|---|" + "---|" * len(cols))
   for arm in s["arms"]:
     a = s["stats"][arm]
     cells = [format_stat(c, a["metrics"].get(c), a["completed"]) for c in cols]
-    lines.append(f"| {_md(arm)} | {a['completed']}/{a['rows']} | " + " | ".join(cells) + " |")
+    lines.append(f"| {md_cell(arm)} | {a['completed']}/{a['rows']} | " + " | ".join(cells) + " |")
   lines += ["", "## Claims", ""]
   if s["claims"]:
     lines.append("| # | Claim | Metric | Relation | Ours | Than | Paired d [95% CI] | "
@@ -115,9 +115,9 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
     lines.append("|---|---|---|---|---|---|---|---|---|")
     for i, c in enumerate(s["claims"], 1):
       lines.append(
-          f"| {i} | {_md(c['text'])} | {_md(c['metric'])} | {_relation(c)} | "
-          f"{_md(c['arm'])}: {format_stat(c['metric'], c['ours'])} | {_md(_than(c))} | "
-          f"{paired_interval_text(c)} | **{c['verdict']}** | {_md(unpaired_text(c))} |")
+          f"| {i} | {md_cell(c['text'])} | {md_cell(c['metric'])} | {_relation(c)} | "
+          f"{md_cell(c['arm'])}: {format_stat(c['metric'], c['ours'])} | {md_cell(_than(c))} | "
+          f"{paired_interval_text(c)} | **{c['verdict']}** | {md_cell(unpaired_text(c))} |")
   else:
     lines.append("This experiment states no claims.")
   paired = [(i, c) for i, c in enumerate(s["claims"], 1) if c.get("half_width") is not None]
@@ -127,7 +127,7 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
   if paired:
     lines += ["| # | Metric | Half-width | Std of paired differences | Pairs |",
               "|---|---|---|---|---|"]
-    lines += [f"| {i} | {_md(c['metric'])} | {format_number(c['metric'], c['half_width'])} | "
+    lines += [f"| {i} | {md_cell(c['metric'])} | {format_number(c['metric'], c['half_width'])} | "
               f"{format_number(c['metric'], c['sd'])} | {c['pairs']} |" for i, c in paired]
   else:
     lines.append("No claim has two paired seeds yet.")
@@ -136,8 +136,8 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
   if s["noise_floor"]:
     lines += ["| Metric | Pooled std | Arms |", "|---|---|---|"]
     for metric, nf in s["noise_floor"].items():
-      lines.append(f"| {_md(metric)} | {format_number(metric, nf['std'])} | "
-                   f"{_md(', '.join(nf['arms'])) or 'none with 2 seeds'} |")
+      lines.append(f"| {md_cell(metric)} | {format_number(metric, nf['std'])} | "
+                   f"{md_cell(', '.join(nf['arms'])) or 'none with 2 seeds'} |")
   lines += _along_training(s["claims"])
   lines += ["", "## Rows", ""]
   bad = [r for r in s["rows"] if r["status"] != "completed"]
@@ -145,14 +145,14 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
   lines.append(f"{done} of {len(s['rows'])} rows completed.")
   if bad:
     lines += ["", "| Row | Status | Error |", "|---|---|---|"]
-    lines += [f"| {_md(r['row'])} | {_md(r['status'])} | {_md(r['error']) or '—'} |" for r in bad]
+    lines += [f"| {md_cell(r['row'])} | {md_cell(r['status'])} | {md_cell(r['error']) or '—'} |" for r in bad]
   reused = [r for r in s["rows"] if r["reused_from"]]
   if reused:
     lines += ["", "Rows whose identical config had already trained elsewhere (files read from "
               "there):", ""]
     lines += [f"- {r['row']} <- `{r['reused_from']}`" for r in reused]
   if s["warnings"]:
-    lines += ["", "## Warnings", ""] + [f"- {_md(w)}" for w in s["warnings"]]
+    lines += ["", "## Warnings", ""] + [f"- {md_cell(w)}" for w in s["warnings"]]
   if s["notes"]:
     lines += ["", "## Notes", "", s["notes"]]
   lines += ["", "## Plots", ""]
