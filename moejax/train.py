@@ -203,14 +203,19 @@ def to_global_batch(local: dict, mesh, global_batch: int) -> dict:
 def evaluate(eval_step, state, eval_iter, bytes_per_token, mesh, global_batch,
              max_batches: int) -> dict:
   """Validation loss (nats/token), perplexity and bits per byte over the split."""
-  totals = dict(nll_sum=0.0, weight_sum=0.0, bytes_sum=0.0)
   pending = []
   for local in eval_iter.iter_eval(max_batches or None):
     batch = to_global_batch(local, mesh, global_batch)
     pending.append(eval_step(state["params"], state["model_state"], batch,
                              bytes_per_token))
+  return metrics_from_batches(jax.device_get(pending))
+
+
+def metrics_from_batches(outputs) -> dict:
+  """The evaluation metrics from each batch's eval_sums (host values)."""
+  totals = dict(nll_sum=0.0, weight_sum=0.0, bytes_sum=0.0)
   batch_losses = []
-  for out in jax.device_get(pending):
+  for out in outputs:
     for k in totals:
       totals[k] += float(out[k])
     if float(out["weight_sum"]) > 0:

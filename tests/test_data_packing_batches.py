@@ -110,7 +110,14 @@ def test_eval_pass_scores_every_window_once_and_keeps_train_position():
   windows = np.stack([stream[i * 8:i * 8 + 9] for i in range(50)])
   assert total == (windows[:, 1:] != BOS).sum()
   assert it.get_state() == before
-  assert len(list(it.iter_eval(max_batches=3))) == 3
+  # Three batches of 6 = 18 windows spread over the 50: round(i * 49 / 17).
+  part = list(it.iter_eval(max_batches=3))
+  assert len(part) == 3
+  spread = [round(i * 49 / 17) for i in range(18)]
+  assert spread[:4] == [0, 3, 6, 9] and spread[-1] == 49
+  np.testing.assert_array_equal(np.concatenate([b["inputs"] for b in part]),
+                                np.stack([stream[i * 8:i * 8 + 8] for i in spread]))
+  assert all(b["weights"].any(axis=1).all() for b in part)  # no padding rows
 
 
 def test_too_short_split_is_a_config_error():

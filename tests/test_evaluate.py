@@ -54,10 +54,10 @@ def test_equals_the_trainers_final_evaluation_and_changes_nothing(trained):
 
 
 def _naive_loss(model, stream, seq_len, windows, bos):
-  """Mean NLL over `windows` windows of the stream, each document piece of a
+  """Mean NLL over the listed windows of the stream, each document piece of a
   window run through the model alone (positions from 0), BOS targets skipped."""
   nll, count = 0.0, 0
-  for w in range(windows):
+  for w in windows:
     window = np.asarray(stream[w * seq_len: w * seq_len + seq_len + 1]).astype(np.int32)
     inputs, targets = window[:-1], window[1:]
     starts = [0] + [t for t in range(1, seq_len) if inputs[t] == bos] + [seq_len]
@@ -81,9 +81,13 @@ def test_an_earlier_step_matches_a_naive_per_document_loop(trained):
                         say=lambda _: None)
   assert record["step"] == 4 and record["batches"] == 3 and not record["whole_split"]
   run = SavedRun.load(workdir, step=4, one_device=True, say=lambda _: None)
+  stream = synthetic.stream("eval")
+  seq_len = run.cfg.data.seq_len
+  # 3 batches of 2 = 6 windows spread evenly over the split's (len - 1) // seq_len
+  last = (len(stream) - 1) // seq_len - 1
+  windows = [round(i * last / 5) for i in range(6)]
   with run.use_mesh():
-    want = _naive_loss(run.model(), synthetic.stream("eval"), run.cfg.data.seq_len, 6,
-                       run.data.tokenizer.bos_id)
+    want = _naive_loss(run.model(), stream, seq_len, windows, run.data.tokenizer.bos_id)
   assert record["eval/loss"] == pytest.approx(want, rel=1e-5)
   assert record["eval/perplexity"] == pytest.approx(math.exp(want), rel=1e-5)
 

@@ -105,8 +105,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.train.grad_clip = 1.0
   c.train.log_every = 20
   c.train.eval_every = 100
-  c.train.eval_batches = 0  # periodic evaluation; 0 = the whole validation split
-  c.train.final_eval_batches = 0  # evaluation at the end; 0 = the whole split
+  c.train.eval_batches = 0  # periodic evaluation: this many batches of windows spread
+                            # evenly over the validation split; 0 = all of it
+  c.train.final_eval_batches = 0  # evaluation at the end, likewise; 0 = the whole split
 
   # --- mesh: axis sizes; -1 fills the remaining devices --------------------
   c.mesh = ml_collections.ConfigDict()

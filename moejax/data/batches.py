@@ -97,20 +97,31 @@ class BatchIterator:
     self.batches_consumed = int(state["batches_consumed"])
 
   # --- evaluation --------------------------------------------------------------------
-  def iter_eval(self, max_batches: int | None = None) -> Iterator[dict]:
-    """One ordered pass over the split (or its first `max_batches` batches).
+  def eval_window_ids(self, max_batches: int | None = None) -> np.ndarray:
+    """The windows an evaluation scores, in order: all of them, or, when
+    `max_batches` batches hold fewer, that many spread evenly over the split
+    (window round(i (N - 1) / (n - 1)) for i < n), since the first windows alone
+    are the first few documents and need not be typical of the split."""
+    wanted = (max_batches or 0) * self.global_batch
+    if not wanted or wanted >= self.num_sequences:
+      return np.arange(self.num_sequences)
+    return np.round(np.linspace(0, self.num_sequences - 1, wanted)).astype(np.int64)
 
-    The last batch is padded with zero-weight rows, so every window is scored
-    exactly once. Does not change the training position.
+  def iter_eval(self, max_batches: int | None = None) -> Iterator[dict]:
+    """One ordered pass over the split, or over `max_batches` batches of windows
+    spread evenly over it (eval_window_ids).
+
+    The last batch is padded with zero-weight rows, so every chosen window is
+    scored exactly once. Does not change the training position.
     """
-    total = -(-self.num_sequences // self.global_batch)
-    if max_batches:
-      total = min(total, max_batches)
+    ids_all = self.eval_window_ids(max_batches)
+    total = -(-ids_all.size // self.global_batch)
     for b in range(total):
-      first = b * self.global_batch
-      ids = np.arange(first, first + self.global_batch)
-      real = ids < self.num_sequences
-      windows = self._windows(np.where(real, ids, 0))
+      ids = ids_all[b * self.global_batch:(b + 1) * self.global_batch]
+      real = np.ones(self.global_batch, bool)
+      real[ids.size:] = False
+      ids = np.concatenate([ids, np.zeros(self.global_batch - ids.size, np.int64)])
+      windows = self._windows(ids)
       rows = rows_from_windows(windows, self.bos_id)
       rows["weights"] = rows["weights"] * real[:, None]
       yield {k: v[self._rows] for k, v in rows.items()}

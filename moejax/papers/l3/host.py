@@ -50,7 +50,7 @@ from flax import nnx
 
 from moejax import sharding
 from moejax.papers.l3.layer import L3Index
-from moejax.train import BATCH_KEYS, eval_sums, metrics_from_totals
+from moejax.train import BATCH_KEYS, eval_sums, metrics_from_batches
 
 TABLES = ("keys", "values")
 
@@ -230,8 +230,4 @@ def evaluate_with_host_tables(graphdef, host: HostTables, batches: Iterable[dict
     shipments.append(host.last)
     batch = jax.device_put({k: np.asarray(batch[k]) for k in BATCH_KEYS}, host.device)
     pending.append(eval_step(params, model_state, batch, bytes_per_token))
-  totals = dict(nll_sum=0.0, weight_sum=0.0, bytes_sum=0.0)
-  for out in jax.device_get(pending):
-    for k in totals:
-      totals[k] += float(out[k])
-  return metrics_from_totals(totals), shipments
+  return metrics_from_batches(jax.device_get(pending)), shipments
