@@ -396,6 +396,11 @@ def test_overview_readme_part_and_forest_plot(summary, tmp_path):
   assert (results / "claims.png").stat().st_size > 0
   effect = overview.claimed_effect(next(c for c in s["claims"] if c["text"] == "good beats base"))
   assert effect == pytest.approx((0.5, 0.5, 0.5))
+  older = dict(s, experiment="old", claims=[{k: v for k, v in c.items() if k != "pairs"}
+                                            for c in s["claims"]])
+  text_with_old = overview.markdown(loaded + [older], "results")
+  assert text_with_old.startswith(text) and "Not yet rerun at this scale" in text_with_old
+  assert "[old](results/old/table.md)" in text_with_old
   readme = tmp_path / "README.md"
   readme.write_text(f"# Title\n\nbefore\n{overview.BEGIN}\nold table\n{overview.END}\nafter\n")
   overview.update_readme(str(readme), text)
