@@ -40,10 +40,11 @@ from moejax import config as config_lib
 from moejax import data as data_lib
 from moejax import sharding
 from moejax.checkpoint import Checkpointer
-from moejax.errors import NonFiniteLossError
+from moejax.errors import ConfigError, NonFiniteLossError
 from moejax.metrics import MetricWriter, write_json
 from moejax.model.transformer import Transformer
 from moejax.optim import learning_rate_schedule, make_optimizer
+from moejax.workdir_lock import WorkdirLock
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
 
@@ -316,16 +317,31 @@ class _Preemption:
 # The whole run
 # ----------------------------------------------------------------------------
 def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
-  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns final.json."""
+  """Trains `cfg` in `workdir` (resuming if it holds a checkpoint); returns final.json.
+
+  Process 0 holds the workdir's lock (moejax/workdir_lock.py) for the whole run, so
+  a second run started on the same workdir stops at once."""
   wall_start = time.time()
+  config_lib.validate(cfg, num_devices=jax.device_count(), num_processes=jax.process_count())
+  workdir = os.path.abspath(workdir)
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
+                      "(it is created if missing).")
+  lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  try:
+    return _train_and_evaluate(cfg, workdir, wall_start)
+  finally:
+    if lock is not None:
+      lock.release()
+
+
+def _train_and_evaluate(cfg, workdir: str, wall_start: float) -> dict[str, Any]:
   num_processes, process_index = jax.process_count(), jax.process_index()
-  config_lib.validate(cfg, num_devices=jax.device_count(), num_processes=num_processes)
+  os.makedirs(workdir, exist_ok=True)
   match = budget_match.check_config(cfg, data_lib.vocab_size(cfg.data))
   cfg_dict = config_lib.to_dict(cfg)
 
   # --- workdir, resume compatibility, config.json ----------------------------
-  workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
   ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
                       async_save=cfg.checkpoint.async_save)
   latest = ckpt.latest_step()
