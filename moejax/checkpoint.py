@@ -17,6 +17,8 @@ import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
+from moejax.errors import ConfigError
+
 
 class Checkpointer:
 
@@ -28,6 +30,7 @@ class Checkpointer:
         create=True,
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
+    self._closed = False
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -66,6 +69,54 @@ class Checkpointer:
         int(step), args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     return restored.state
 
+  def newest_readable(self, say=print) -> tuple[int | None, dict | None]:
+    """The newest step whose metadata reads, and that metadata; (None, None) when
+    there is no checkpoint. Steps whose metadata does not read (a copy cut short,
+    an empty step directory) are skipped with a warning."""
+    for step in reversed(self.all_steps()):
+      try:
+        return step, self.read_meta(step)
+      except Exception as e:  # pylint: disable=broad-except  # any unreadable step
+        say(f"warning: skipping the checkpoint at step {step}: its metadata does not read "
+            f"({_reason(e)})")
+    return None, None
+
+  def restore_newest_whole(self, abstract_state, *, newest: int, say=print) -> tuple:
+    """(step, state, meta) of the newest checkpoint at or before `newest` that
+    restores and holds only finite values. Each one skipped is announced with its
+    reason; a ConfigError when none is whole."""
+    skipped = []
+    for step in reversed([s for s in self.all_steps() if s <= newest]):
+      try:
+        state, meta = self.restore(step, abstract_state)
+      except Exception as e:  # pylint: disable=broad-except  # truncated, zeroed, missing
+        skipped.append(f"step {step} ({_reason(e)})")
+      else:
+        bad = non_finite_leaves(state)
+        if not bad:
+          for s in skipped:
+            say(f"warning: skipped the checkpoint at {s}; resuming from step {step}")
+          self._set_aside(st for st in self.all_steps() if st > step)
+          return step, state, meta
+        skipped.append(f"step {step} (NaN or inf in {', '.join(bad[:3])})")
+    raise ConfigError(
+        f"No checkpoint in {self.directory} is whole: {'; '.join(skipped)}; move that folder "
+        "away to start the run over, or restore its files from a copy.")
+
+  def _set_aside(self, steps) -> None:
+    """Moves the given step directories to <checkpoints>_skipped/ (kept for a look,
+    out of the way of the saves that will reach those steps again)."""
+    aside = self.directory + "_skipped"
+    moved = False
+    for step in steps:
+      src = os.path.join(self.directory, str(step))
+      if os.path.exists(src):
+        os.makedirs(aside, exist_ok=True)
+        os.replace(src, os.path.join(aside, f"{step}-{os.getpid()}"))
+        moved = True
+    if moved:
+      self._manager.reload()
+
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster announced a preemption (multi-process runs)."""
     if jax.process_count() == 1:
@@ -76,5 +127,27 @@ class Checkpointer:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
-    self._manager.wait_until_finished()
-    self._manager.close()
+    """Waits for pending saves and stops Orbax's threads; a second call does nothing."""
+    if self._closed:
+      return
+    self._closed = True
+    try:
+      self._manager.wait_until_finished()
+    finally:
+      self._manager.close()
+
+
+def _reason(error: Exception) -> str:
+  """The first line of an error, with its type."""
+  lines = [l for l in str(error).splitlines() if l.strip()]
+  return f"{type(error).__name__}: {lines[0][:160] if lines else ''}".rstrip(": ")
+
+
+def non_finite_leaves(state) -> list[str]:
+  """Paths of the floating-point arrays of `state` that hold a NaN or an inf."""
+  import jax.numpy as jnp  # pylint: disable=import-outside-toplevel
+  leaves = jax.tree_util.tree_leaves_with_path(state)
+  floating = [(p, x) for p, x in leaves
+              if hasattr(x, "dtype") and jnp.issubdtype(x.dtype, jnp.floating)]
+  finite = jax.device_get([jnp.all(jnp.isfinite(x)) for _, x in floating])
+  return [jax.tree_util.keystr(p) for (p, _), ok in zip(floating, finite) if not ok]

@@ -328,24 +328,28 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
                       "(it is created if missing).")
   lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
+  ckpt = None
   try:
-    return _train_and_evaluate(cfg, workdir, wall_start)
+    os.makedirs(workdir, exist_ok=True)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
+                        async_save=cfg.checkpoint.async_save)
+    return _train_and_evaluate(cfg, workdir, wall_start, ckpt)
   finally:
+    # Every exit, an error included, stops Orbax's threads: a checkpointer left open
+    # keeps the process from exiting.
+    if ckpt is not None:
+      ckpt.close()
     if lock is not None:
       lock.release()
 
 
-def _train_and_evaluate(cfg, workdir: str, wall_start: float) -> dict[str, Any]:
+def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str, Any]:
   num_processes, process_index = jax.process_count(), jax.process_index()
-  os.makedirs(workdir, exist_ok=True)
   match = budget_match.check_config(cfg, data_lib.vocab_size(cfg.data))
   cfg_dict = config_lib.to_dict(cfg)
 
   # --- workdir, resume compatibility, config.json ----------------------------
-  ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=cfg.checkpoint.keep,
-                      async_save=cfg.checkpoint.async_save)
-  latest = ckpt.latest_step()
-  saved_meta = ckpt.read_meta(latest) if latest is not None else None
+  latest, saved_meta = ckpt.newest_readable(say=say)
   if saved_meta is not None:
     config_lib.check_resume_compatible(saved_meta["config"], cfg_dict, workdir)
     for warning in config_lib.resume_warnings(saved_meta["config"], cfg_dict):
@@ -373,8 +377,6 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float) -> dict[str, Any]:
       seq_len=seq_len, global_batch=global_batch, seed=cfg.seed, rows=rows)
   eval_iter = data.eval_iterator(
       seq_len=seq_len, global_batch=global_batch, rows=rows)
-  writer = MetricWriter(workdir, tensorboard=cfg.debug.tensorboard,
-                        resume_step=latest)
   with sharding.use_mesh(mesh, cfg.sharding.rules):
     tx = make_optimizer(cfg.train)
     spec = StateSpec(cfg, vocab_size, mesh, tx, inputs=inputs)
@@ -393,9 +395,12 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float) -> dict[str, Any]:
         f"(vocab {vocab_size}) | {global_batch} x {seq_len} tokens/step | "
         f"workdir {workdir}")
 
-    if latest is not None:
-      state, meta = ckpt.restore(latest, spec.abstract_with_shardings())
+    if latest is not None:  # the newest checkpoint that restores whole and finite
+      latest, state, meta = ckpt.restore_newest_whole(spec.abstract_with_shardings(),
+                                                      newest=latest, say=say)
       train_iter.set_state(meta["data"])
+    writer = MetricWriter(workdir, tensorboard=cfg.debug.tensorboard, resume_step=latest)
+    if latest is not None:
       say(f"Resumed from checkpoint at step {latest}.")
     else:
       state = spec.init()
