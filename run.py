@@ -59,17 +59,50 @@ def _config_error_in(exc: BaseException | None):
   return None
 
 
+def _config_path_from_anywhere(argv):
+  """--config=configs/x.py:preset works from any directory: a relative path that
+  does not exist here is taken relative to the repository."""
+  out = []
+  for arg in argv:
+    if arg.startswith("--config="):
+      path, sep, preset = arg[len("--config="):].partition(":")
+      if path and not os.path.isabs(path) and not os.path.exists(path):
+        candidate = os.path.join(_HERE, path)
+        if os.path.exists(candidate):
+          arg = f"--config={candidate}{sep}{preset}"
+    out.append(arg)
+  return out
+
+
+def _one_line(text: str) -> str:
+  return " ".join(str(text).split())
+
+
 def parse_flags(argv):
-  """absl's parser, but a bad preset prints one sentence instead of a traceback."""
+  """absl's parser, but every bad flag prints one sentence instead of a traceback."""
+  argv = _config_path_from_anywhere(argv)
+  positional = [a for a in argv[1:] if not a.startswith("-")]
+  if positional:
+    print(f"config error: unexpected argument {positional[0]!r}; flags start with --, "
+          "e.g. --config=configs/dense.py:tiny (python3 run.py --help lists them).",
+          file=sys.stderr, flush=True)
+    sys.exit(2)
   try:
     return FLAGS(argv)
   except flags.Error as e:
     cause = _config_error_in(e)
-    if cause is None:
-      raise
-    # ml_collections re-raises the error with the traceback folded into the
-    # message; the sentence we wrote is what follows the last "ConfigError: ".
-    message = str(cause).rsplit("ConfigError: ", 1)[-1].strip()
+    if cause is not None:
+      # ml_collections re-raises the error with the traceback folded into the
+      # message; the sentence we wrote is what follows the last "ConfigError: ".
+      message = str(cause).rsplit("ConfigError: ", 1)[-1].strip()
+    elif "No such file or directory" in str(e) or isinstance(
+        e.__cause__ or e.__context__, FileNotFoundError):
+      spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+      message = (f"--config={spec}: no such config file, here or under {_HERE}; the "
+                 "presets are configs/*.py (e.g. --config=configs/dense.py:tiny).")
+    else:
+      message = (f"{_one_line(e)} (python3 run.py --help lists the flags; config fields "
+                 "are in moejax/config/base.py).")
     print(f"config error: {message}", file=sys.stderr, flush=True)
     sys.exit(2)
 
@@ -83,8 +116,22 @@ def main(argv):
 
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
-  cfg = FLAGS.config
-  workdir = FLAGS.workdir or os.path.join("runs", cfg.name)
+  try:
+    cfg = FLAGS.config
+    name = cfg.name  # a config file that failed to load fails here, not at parsing
+  except OSError as e:
+    spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
+    path = spec.partition(":")[0]
+    if os.path.exists(path) or os.path.exists(os.path.join(_HERE, path)):
+      cause = e.__cause__ or e
+      print(f"config error: --config={spec} failed to load: {type(cause).__name__}: "
+            f"{_one_line(cause)[:300]}.", file=sys.stderr, flush=True)
+    else:
+      print(f"config error: --config={spec}: no such config file, here or under {_HERE} "
+            "(the presets are configs/*.py, e.g. --config=configs/dense.py:tiny).",
+            file=sys.stderr, flush=True)
+    sys.exit(2)
+  workdir = FLAGS.workdir or os.path.join("runs", name)
   try:
     if (FLAGS.workdir or "").startswith("gs://"):
       raise ConfigError(f"--workdir={FLAGS.workdir} is a bucket URL, but run outputs are "

@@ -12,6 +12,8 @@ moejax/config/validation.py checks the whole config before anything is built.
 """
 
 import json
+import os
+import sys
 
 import ml_collections
 
@@ -134,12 +136,14 @@ def base_config() -> ml_collections.ConfigDict:
 
 
 def parse_preset(arg: str | None, presets: dict, default: str) -> str:
-  """Returns the preset name in `configs/x.py:NAME`, or raises a ConfigError."""
+  """Returns the preset name in `configs/x.py:NAME`, or raises a ConfigError whose
+  example names the calling config file."""
   name = (arg or default).strip()
   if name not in presets:
+    caller = os.path.basename(sys._getframe(1).f_code.co_filename)  # pylint: disable=protected-access
     raise ConfigError(
         f"Unknown preset {name!r}; choose one of {sorted(presets)} "
-        f"(e.g. --config=configs/dense.py:{default})."
+        f"(e.g. --config=configs/{caller}:{default})."
     )
   return name
 

@@ -70,6 +70,9 @@ def validate_data(d) -> None:
 def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
              num_processes: int = 1, check_data: bool = True) -> tuple[int, ...]:
   """Checks `cfg` for `num_devices` devices; returns the resolved mesh shape."""
+  require(isinstance(cfg.seed, int) and 0 <= cfg.seed < 2**32,
+          f"--config.seed={cfg.seed} must be an integer in [0, 2^32) (it seeds the "
+          "initialisation and the data order).")
   _validate_model(cfg.model)
   _validate_train(cfg.train)
   require(cfg.data.seq_len > 0,
