@@ -307,8 +307,18 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     row, cfg = configs[i]
     workdir = row_workdir(root, name, scale, row)
     done = read_json(os.path.join(workdir, "row.json")) or {}
-    if (done.get("fingerprint") not in (None, fingerprint(cfg))
-        and not same_config_as_row(workdir, cfg)):
+    changed = (done.get("fingerprint") not in (None, fingerprint(cfg))
+               and not same_config_as_row(workdir, cfg))
+    if changed and done.get("status") == "failed":
+      # A failed row whose config was fixed since runs again from scratch; its
+      # files are kept beside it for a look.
+      aside = f"{workdir}.failed-{int(time.time())}"
+      if jax.process_index() == 0:
+        os.replace(workdir, aside)
+      say(f"{registry.row_name(row)} failed with another config; moved to {aside} and "
+          "run again")
+      continue
+    if changed:
       raise ConfigError(f"Row {registry.row_name(row)} in {workdir} was run with another "
                         f"config than the sweep now builds ({changed_fields(workdir, cfg)}); "
                         "rerun with the launch's original --set values, give the changed "

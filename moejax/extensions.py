@@ -6,7 +6,7 @@ in its __init__.py:
 
     register(Extension(
         name="l3", group="l3", defaults=config.defaults, validate=config.validate,
-        resume_fixed=config.RESUME_FIXED, layer_plan=plan.add_l3_layers,
+        resume_free=config.RESUME_FREE, layer_plan=plan.add_l3_layers,
         budget=budget.l3_layers_budget, model_inputs=hooks.allocation_inputs,
         final_eval=hooks.host_table_eval,
         plots={"l3_entropy.png": plots.plot_l3_entropy}, notes="docs/papers/l3.md"))
@@ -20,8 +20,10 @@ order. What each field is for:
   validate(cfg, axes)  raises ConfigError with one sentence; runs for every config,
                     so it returns early when the model does not use the group.
                     `axes` maps mesh axis names to their resolved sizes.
-  resume_fixed      dotted fields that fix the saved state's shapes or meaning:
-                    resuming with any of them changed is refused.
+  resume_free       the group's dotted fields a resume may change: implementation
+                    choices that leave the state and the results the same (a
+                    dispatch backend, rematerialisation). Every other field of the
+                    group fixes the run, and resuming with it changed is refused.
   resume_warnings(saved, current)  allowed changes a researcher should hear of.
   sublayers         {name: Sublayer(build, budget)} for `model.sublayer`.
   sharding_rules    (logical axis, mesh axes) pairs its parameters use.
@@ -63,7 +65,7 @@ class Extension:
   group: str = ""
   defaults: Callable[[], Any] | None = None
   validate: Callable[[Any, dict], None] | None = None
-  resume_fixed: tuple[str, ...] = ()
+  resume_free: tuple[str, ...] = ()
   resume_warnings: Callable[[dict, dict], list] | None = None
   sublayers: Mapping[str, Any] = dataclasses.field(default_factory=dict)
   sharding_rules: tuple = ()

@@ -264,6 +264,19 @@ def test_a_failing_row_is_recorded_and_the_sweep_goes_on(register, tmp_path):
   assert read(ok / "config.json")["train"]["steps"] == 2
   assert "1 completed, 1 failed: broken_s0" in said
 
+  # The broken row, fixed (another config), runs again instead of being refused;
+  # its failed files are kept beside it.
+  def measure_fixed(row, cfg, workdir, scale, settings):
+    return {"latency/x_ms": 1.0}
+
+  register("fake_fail", [measure_row("broken", **{"train.learning_rate": 1e-3}),
+                         train_row("ok")], measure=measure_fixed)
+  records, said = sweep_quietly("fake_fail", tmp_path)
+  assert [r["status"] for r in records] == ["completed", "completed"]
+  assert "broken_s0 failed with another config; moved to" in said
+  assert read(broken / "final.json")["latency/x_ms"] == 1.0
+  assert len(list((tmp_path / "fake_fail" / "tiny").glob("broken_s0.failed-*"))) == 1
+
 
 def test_sweep_index_runs_exactly_one_row(register, tmp_path, no_training):
   measured = []

@@ -3,13 +3,16 @@ is refused with one sentence; allowed changes with consequences are announced.""
 
 from __future__ import annotations
 
+import json
+
 from moejax import extensions
+from moejax.config.base import base_config
 from moejax.data.tfds_access import FILES
 from moejax.errors import ConfigError
 
 # Fields that fix the shapes of the saved state or the meaning of the saved data
-# position. Resuming with any of them changed is refused; each extension adds
-# its own (Extension.resume_fixed), see resume_fixed_fields().
+# position. Resuming with any of them changed is refused; each extension adds its
+# whole config group, less its resume_free fields; see resume_fixed_fields().
 RESUME_FIXED_FIELDS = (
     "model", "data.name", "data.tokenizer", "data.vocab_size", "data.seq_len",
     "data.train_split", "data.text_key", "train.global_batch", "seed",
@@ -62,18 +65,33 @@ def resume_warnings(saved: dict, current: dict) -> list[str]:
 
 
 def resume_fixed_fields() -> tuple[str, ...]:
-  """The generic fields and every extension's that fix the saved state."""
-  return RESUME_FIXED_FIELDS + tuple(f for ext in extensions.registered()
-                                     for f in ext.resume_fixed)
+  """The generic fields that fix the saved state, and every extension's group as a
+  whole (compared field by field, less its resume_free fields)."""
+  return RESUME_FIXED_FIELDS + tuple(ext.group for ext in extensions.registered()
+                                     if ext.group)
+
+
+def _free_fields() -> set[str]:
+  return {f for ext in extensions.registered() for f in ext.resume_free}
 
 
 def check_resume_compatible(saved: dict, current: dict, workdir: str) -> None:
-  """Refuses to resume a checkpoint written by an incompatible config."""
+  """Refuses to resume a checkpoint written by an incompatible config. A field the
+  checkpoint's config lacks (added to moejax since) counts as unchanged while it
+  holds its default."""
+  defaults = json.loads(base_config().to_json())
+  free = _free_fields()
   diffs = []
   for field in resume_fixed_fields():
     if "." in field and field.split(".")[0] not in saved:
       continue  # a config group newer than the checkpoint: it had its defaults
-    diffs += differences(_lookup(saved, field), _lookup(current, field), field)
+    for line in differences(_lookup(saved, field), _lookup(current, field), field):
+      name, rest = line.split(": ", 1)
+      if name in free:
+        continue
+      if rest.startswith("'<missing>' -> ") and _lookup(current, name) == _lookup(defaults, name):
+        continue
+      diffs.append(line)
   if diffs:
     shown = "; ".join(diffs[:4]) + ("; ..." if len(diffs) > 4 else "")
     raise ConfigError(

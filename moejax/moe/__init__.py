@@ -16,6 +16,6 @@ def _build(cfg, layer_index, rngs):
 
 extensions.register(extensions.Extension(
     name="moe", group="moe", defaults=config.defaults, validate=config.validate,
-    resume_fixed=config.RESUME_FIXED,
+    resume_free=config.RESUME_FREE,
     sublayers={"moe": Sublayer(build=_build, budget=budget.moe_budget)},
     notes="docs/papers/systems.md"))

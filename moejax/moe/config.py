@@ -6,8 +6,9 @@ from moejax.config.checks import positive, require, width_split
 from moejax.moe import dispatch
 from moejax.moe.router import SCORE_FNS
 
-RESUME_FIXED = ("moe.num_experts", "moe.expert_ffn_dim", "moe.num_shared_experts",
-                "moe.first_dense_layers", "moe.bias_update_rate")
+# A resume may change these (the dispatch is equal across backends); every other
+# field of the group fixes the run.
+RESUME_FREE = ("moe.backend", "moe.block_size")
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -61,5 +61,4 @@ def budget(cfg, layer_index: int) -> dict:
 
 EXTENSION = extensions.register(extensions.Extension(
     name="toy", group="toy", defaults=defaults, validate=validate,
-    resume_fixed=("toy.width", "toy.power"),
     sublayers={"toy": Sublayer(build=ToyFFN, budget=budget)}))

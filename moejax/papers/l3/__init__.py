@@ -16,7 +16,7 @@ from moejax.papers.l3 import budget, config, hooks, plan, plots
 
 extensions.register(extensions.Extension(
     name="l3", group="l3", defaults=config.defaults, validate=config.validate,
-    resume_fixed=config.RESUME_FIXED,
+    resume_free=config.RESUME_FREE,
     sharding_rules=(("l3_rows", "expert"),),  # tables split by rows (parallel.py)
     layer_plan=plan.add_l3_layers, budget=budget.l3_layers_budget,
     model_inputs=hooks.allocation_inputs, final_eval=hooks.host_table_eval,

@@ -8,9 +8,9 @@ from moejax.model import layer_plan
 from moejax.papers.l3.allocation import METHODS
 from moejax.papers.l3.lookup import PATHS
 
-RESUME_FIXED = ("l3.after_layers", "l3.rows", "l3.max_rows_per_token", "l3.allocation",
-                "l3.allocation_tokens", "l3.emb_dim", "l3.up_dim", "l3.tie_kv",
-                "l3.scale_scores")
+# A resume may change these (the lookup path gives equal results; host_eval only
+# adds an evaluation); every other field of the group fixes the run.
+RESUME_FREE = ("l3.path", "l3.host_eval")
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -13,5 +13,5 @@ from moejax.papers.loopmoe import budget, config, plan
 
 extensions.register(extensions.Extension(
     name="loopmoe", group="loop", defaults=config.defaults, validate=config.validate,
-    resume_fixed=config.RESUME_FIXED, layer_plan=plan.add_loop, budget=budget.loop_budget,
+    resume_free=config.RESUME_FREE, layer_plan=plan.add_loop, budget=budget.loop_budget,
     notes="docs/papers/loopmoe.md"))

@@ -4,8 +4,8 @@ import ml_collections
 
 from moejax.config.checks import positive, require
 
-RESUME_FIXED = ("loop.prefix_layers", "loop.block_layers", "loop.iterations",
-                "loop.iter_adaln", "loop.adaln_dim", "loop.adaln_pe_dim", "loop.adaln_gate")
+# A resume may change remat (memory, not results); every other field fixes the run.
+RESUME_FREE = ("loop.remat",)
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -20,6 +20,6 @@ def _mohge(cfg, layer_index, rngs):
 
 extensions.register(extensions.Extension(
     name="mohge", group="mohge", defaults=config.defaults, validate=config.validate,
-    resume_fixed=config.RESUME_FIXED, resume_warnings=config.resume_warnings,
+    resume_free=config.RESUME_FREE, resume_warnings=config.resume_warnings,
     sublayers={"mohge": Sublayer(build=_mohge, budget=budget.mohge_budget)},
     plots={"group_traffic.png": plots.plot_group_traffic}, notes="docs/papers/mohge.md"))

@@ -6,7 +6,9 @@ from moejax.config.checks import positive, require, width_split
 from moejax.moe import dispatch
 from moejax.papers.mohge.group_router import GATES
 
-RESUME_FIXED = ("mohge.group_widths", "mohge.experts_per_group", "mohge.shared_ffn_dim")
+# A resume may change the dispatch (equal across backends); every other field of
+# the group fixes the run.
+RESUME_FREE = ("mohge.backend", "mohge.block_size")
 
 
 def defaults() -> ml_collections.ConfigDict:

@@ -27,7 +27,7 @@ def _peer(cfg, layer_index, rngs):
 
 extensions.register(extensions.Extension(
     name="omnimoe", group="atomic", defaults=config.defaults, validate=config.validate,
-    resume_fixed=config.RESUME_FIXED,
+    resume_free=config.RESUME_FREE,
     sublayers={"omnimoe": Sublayer(build=_omnimoe, budget=budget.omnimoe_budget),
                "peer": Sublayer(build=_peer, budget=budget.peer_budget)},
     notes="docs/papers/omnimoe.md"))

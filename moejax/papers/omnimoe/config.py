@@ -9,8 +9,9 @@ from moejax.papers.omnimoe.atomic_experts import PATHS
 from moejax.papers.omnimoe.product_router import GRID_TOPK
 
 SUBLAYERS = ("omnimoe", "peer")
-RESUME_FIXED = ("atomic.num_experts", "atomic.shared_ffn_dim", "atomic.peer_heads",
-                "atomic.peer_query_dim", "atomic.peer_query_batchnorm")
+# A resume may change the compute path (equal results); every other field of the
+# group fixes the run.
+RESUME_FREE = ("atomic.path",)
 
 
 def defaults() -> ml_collections.ConfigDict:
