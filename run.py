@@ -32,6 +32,8 @@ except (AttributeError, KeyError) as _e:
         f"({_hint}); see moejax/config/base.py for the fields.", file=sys.stderr)
   sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
+flags.DEFINE_string("profile_steps", None, "A:B writes a jax.profiler trace of steps A to "
+                    "B-1 under <workdir>/profile (same as --config.debug.profile_steps).")
 flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")
 flags.DEFINE_string("experiment", None, "Run this experiment's sweep (see --list) instead "
                     "of one --config; runs go to <workdir>/<experiment>/<scale>/<row>.")
@@ -132,6 +134,8 @@ def main(argv):
             file=sys.stderr, flush=True)
     sys.exit(2)
   workdir = FLAGS.workdir or os.path.join("runs", name)
+  if FLAGS.profile_steps is not None:
+    cfg.debug.profile_steps = FLAGS.profile_steps
   try:
     if (FLAGS.workdir or "").startswith("gs://"):
       raise ConfigError(f"--workdir={FLAGS.workdir} is a bucket URL, but run outputs are "

@@ -35,6 +35,7 @@ from flax import nnx
 
 from moejax import budget as budget_lib
 from moejax import extensions
+from moejax import mfu as mfu_lib
 from moejax.config import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
@@ -274,8 +275,12 @@ def format_duration(seconds: float) -> str:
 def progress_line(step: int, total: int, metrics: dict, tokens_per_s: float,
                   eta_s: float) -> str:
   parts = [f"step {step:>6d}/{total}", f"loss {metrics['loss']:.4f}",
-           f"{tokens_per_s:,.0f} tok/s", f"ETA {format_duration(eta_s)}",
-           f"lr {metrics['lr']:.2e}", f"|g| {metrics['grad_norm']:.2f}"]
+           f"{tokens_per_s:,.0f} tok/s"]
+  if "perf/mfu" in metrics:
+    parts.append(f"{metrics['perf/tflops_per_device']:.3g} TFLOP/s/dev "
+                 f"(MFU {100 * metrics['perf/mfu']:.1f}%)")
+  parts += [f"ETA {format_duration(eta_s)}", f"lr {metrics['lr']:.2e}",
+            f"|g| {metrics['grad_norm']:.2f}"]
   health = {k: v for k, v in metrics.items()
             if k.startswith("aux/") and np.ndim(v) == 0}
   parts += [f"{k[4:]} {v:.3g}" for k, v in sorted(health.items())]
@@ -440,6 +445,10 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
     # --- loop -----------------------------------------------------------------
     start_step = int(jax.device_get(state["step"]))
     total_steps = cfg.train.steps
+    schedule = learning_rate_schedule(cfg.train)
+    peak, peak_source = mfu_lib.peak_tflops(jax.devices()[0], cfg.debug.peak_tflops)
+    profile = config_lib.profile_range(cfg.debug.profile_steps)
+    profiling = False
     pending_metrics: list[dict] = []
     input_wait = 0.0
     interval_start = time.time()
@@ -453,7 +462,23 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
         local = next(train_iter)
         batch = to_global_batch(local, mesh, global_batch)
         input_wait += time.time() - t0
+        if profile is not None and step == profile[0] and process_index == 0:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          profiling = True
+        first = step == start_step + 1
+        if first:
+          say(f"compiling the train step ... (peak {peak:,.2f} TFLOP/s per device: "
+              f"{peak_source})")
         state, metrics = train_step(state, batch)
+        if first:
+          jax.block_until_ready(metrics)
+          say(f"compiled and ran the first step in {time.time() - t0:.1f} s")
+        if profiling and step == profile[1] - 1:
+          jax.block_until_ready(metrics)
+          jax.profiler.stop_trace()
+          profiling = False
+          say(f"profile of steps {profile[0]}..{step} written to "
+              f"{os.path.join(workdir, 'profile')} (tensorboard --logdir there)")
         pending_metrics.append(metrics)
         interval_steps += 1
 
@@ -467,8 +492,12 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
           last_metrics = {k: np.mean([m[k] for m in fetched], axis=0) for k in fetched[0]}
           last_metrics = {k: (float(v) if np.ndim(v) == 0 else v)
                           for k, v in last_metrics.items()}
+          last_metrics["lr"] = float(schedule(step - 1))  # the rate this step used
           last_metrics["perf/tokens_per_s"] = tokens_per_step / step_time
           last_metrics["perf/step_time_s"] = step_time
+          last_metrics.update(mfu_lib.utilisation(
+              tokens_per_step / step_time, budget["train_flops_per_token"],
+              jax.device_count(), peak))
           last_metrics["perf/input_wait_frac"] = input_wait / elapsed
           last_metrics["tokens_seen"] = step * tokens_per_step
           writer.write_scalars(step, last_metrics)
@@ -496,12 +525,16 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
               "resume.")
           break
 
+    if profiling:  # the run ended inside the profiled range
+      jax.profiler.stop_trace()
     ckpt.wait()
     end_step = int(jax.device_get(state["step"]))
     final = dict(status=status, step=end_step, workdir=workdir, name=cfg.name,
                  params=spec.num_params, budget=budget, dataset=dataset_info,
                  tokens_seen=end_step * tokens_per_step,
                  train_loss=last_metrics.get("loss"),
+                 tflops_per_device=last_metrics.get("perf/tflops_per_device"),
+                 mfu=last_metrics.get("perf/mfu"), peak_tflops=peak,
                  wall_time_s=time.time() - wall_start,
                  jax_version=jax.__version__,
                  devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")

@@ -31,6 +31,8 @@ CASES = [
     (["--experiment=nope"], "Unknown experiment 'nope'"),
     (["--sweep_index=1"], "--sweep_index and --set apply to an experiment"),
     (["--workdir=gs://bucket/run"], "bucket URL"),
+    (["--profile_steps=5:2"], "--profile_steps=5:2 must be A:B with 1 <= A < B"),
+    (["--config.debug.peak_tflops=-1"], "peak_tflops"),
 ]
 
 

@@ -1,17 +1,35 @@
 """run.py as a user runs it: progress output, errors, --dry_run."""
 
+import json
+
+import pytest
+
 from tests.helpers import TINY_FLAGS, config_flags, run_py
 
 
 def test_run_prints_progress_and_final_summary(tmp_path):
   r = run_py([*config_flags({**TINY_FLAGS, "train.log_every": 4}),
-              f"--workdir={tmp_path}"])
+              f"--workdir={tmp_path}", "--profile_steps=2:4"])
   assert r.returncode == 0, r.stderr[-3000:]
   out = r.stdout
   assert "params" in out and "FLOPs/token" in out
+  assert "compiling the train step ... (peak " in out and "compiled and ran the first step in" in out
   assert "step      4/12 | loss" in out and "tok/s" in out and "ETA" in out
+  assert "TFLOP/s/dev (MFU " in out
   assert "validation loss" in out and "bits/byte" in out
   assert f"outputs in {tmp_path}" in out
+  final = json.loads((tmp_path / "final.json").read_text())
+  assert final["peak_tflops"] > 0 and 0 < final["mfu"] < 1
+  assert final["tflops_per_device"] == pytest.approx(final["mfu"] * final["peak_tflops"])
+  # The lr logged at a step is the schedule's value there, not an interval mean.
+  from moejax.optim import learning_rate_schedule
+  from tests.helpers import read_metrics, tiny_config
+  schedule = learning_rate_schedule(tiny_config(**{"train.log_every": 4}).train)
+  logged = {m["step"]: m["lr"] for m in read_metrics(str(tmp_path)) if "lr" in m}
+  assert logged[8] == pytest.approx(float(schedule(7)))
+  # --profile_steps wrote a trace TensorBoard's profile plugin reads.
+  assert "profile of steps 2..3 written to" in out
+  assert list((tmp_path / "profile").glob("plugins/profile/*/*.xplane.pb"))
 
 
 def test_bad_config_exits_2_with_one_sentence(tmp_path):

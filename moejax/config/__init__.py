@@ -7,4 +7,4 @@ from moejax.config.base import base_config, parse_preset, to_dict
 from moejax.config.resume import (RESUME_FIXED_DATA, RESUME_FIXED_FIELDS,
                                   check_resume_compatible, check_same_data, differences,
                                   resume_fixed_fields, resume_warnings)
-from moejax.config.validation import validate
+from moejax.config.validation import profile_range, validate

@@ -132,6 +132,10 @@ def base_config() -> ml_collections.ConfigDict:
   c.debug = ml_collections.ConfigDict()
   c.debug.inject_nan_at_step = -1  # >= 1 makes that step's loss NaN (tests the guard)
   c.debug.tensorboard = True  # write TensorBoard events (tensorboardX)
+  c.debug.peak_tflops = 0.0  # per device, for MFU; 0 = the device's known bf16 peak,
+                             # or a measured float32 matmul on CPU (moejax/mfu.py)
+  c.debug.profile_steps = ""  # "A:B": a jax.profiler trace of steps A..B-1 under
+                              # <workdir>/profile (TensorBoard's profile plugin)
   return c
 
 

@@ -54,6 +54,21 @@ def _validate_train(t) -> None:
             f"{getattr(t, field)}.")
 
 
+def profile_range(text: str) -> tuple[int, int] | None:
+  """"A:B" -> (A, B) with 1 <= A < B; "" -> None; anything else a ConfigError."""
+  if not str(text).strip():
+    return None
+  first, sep, last = str(text).partition(":")
+  try:
+    a, b = int(first), int(last)
+  except ValueError:
+    a = b = 0
+  require(sep and 1 <= a < b,
+          f"--profile_steps={text} must be A:B with 1 <= A < B (trace steps A to B-1), "
+          "e.g. --profile_steps=10:13.")
+  return a, b
+
+
 def validate_data(d) -> None:
   """The fields of the local files dataset (the others are checked with the data)."""
   if d.name != tfds_access.FILES:
@@ -75,6 +90,10 @@ def validate(cfg: ml_collections.ConfigDict, *, num_devices: int,
           "initialisation and the data order).")
   _validate_model(cfg.model)
   _validate_train(cfg.train)
+  profile_range(cfg.debug.profile_steps)
+  require(cfg.debug.peak_tflops >= 0,
+          f"--config.debug.peak_tflops={cfg.debug.peak_tflops} must be >= 0 (0 = known or "
+          "measured).")
   require(cfg.data.seq_len > 0,
           f"--config.data.seq_len must be positive, got {cfg.data.seq_len}.")
   require(cfg.data.seq_len <= cfg.model.max_seq_len,
