@@ -436,6 +436,11 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
         if process_index == 0:
           write_json(os.path.join(workdir, "final.json"), final)
         ckpt.close()
+        if last_good is None:
+          raise NonFiniteLossError(
+              f"The loss or gradient became NaN/inf at step {bad}, before any checkpoint "
+              "was saved; lower --config.train.learning_rate or check the data, then "
+              "rerun the same command to start over.")
         raise NonFiniteLossError(
             f"The loss or gradient became NaN/inf at step {bad}; the run stopped "
             f"without saving, and the last good checkpoint (step {last_good}) is in "

@@ -89,7 +89,8 @@ def test_resume_refuses_an_incompatible_checkpoint(tmp_path):
 
 
 def test_restart_before_any_checkpoint_starts_clean(tmp_path):
-  with pytest.raises(NonFiniteLossError, match="last good checkpoint \\(step None\\)"):
+  with pytest.raises(NonFiniteLossError, match="at step 3, before any checkpoint was saved; "
+                     ".*to start over"):
     train_and_evaluate(tiny_config(**{"debug.inject_nan_at_step": 3}), str(tmp_path))
   assert sorted(losses_by_step(str(tmp_path))) == [1, 2, 3]
   train_and_evaluate(tiny_config(), str(tmp_path))
