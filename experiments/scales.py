@@ -1,7 +1,7 @@
 """What --scale changes in every row, beside the preset size each experiment picks.
 
 tiny   the 2-core CPU machine: 300 steps of 16 x 128 tokens (614K tokens) and
-       three seeds per arm. Every row scores the same 16 validation batches
+       five seeds per arm (experiments/common.py). Every row scores the same 16 validation batches
        (32K tokens) every 30 steps and at the end, so the curves and the table
        read one evaluation set, and a seed fixes the data order of every arm of
        a table, so claims are judged on paired differences
