@@ -107,15 +107,19 @@ class Checkpointer:
     """Moves the given step directories to <checkpoints>_skipped/ (kept for a look,
     out of the way of the saves that will reach those steps again)."""
     aside = self.directory + "_skipped"
-    moved = False
-    for step in steps:
-      src = os.path.join(self.directory, str(step))
-      if os.path.exists(src):
-        os.makedirs(aside, exist_ok=True)
-        os.replace(src, os.path.join(aside, f"{step}-{os.getpid()}"))
-        moved = True
-    if moved:
-      self._manager.reload()
+    steps = list(steps)
+    if not steps:
+      return
+    if jax.process_index() == 0:  # one mover; the others wait for it below
+      for step in steps:
+        src = os.path.join(self.directory, str(step))
+        if os.path.exists(src):
+          os.makedirs(aside, exist_ok=True)
+          os.replace(src, os.path.join(aside, f"{step}-{os.getpid()}"))
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=import-outside-toplevel
+      multihost_utils.sync_global_devices("moejax_checkpoints_set_aside")
+    self._manager.reload()
 
   def reached_preemption(self, step: int) -> bool:
     """True when the cluster announced a preemption (multi-process runs)."""

@@ -26,7 +26,8 @@ BEFORE = json.load(open(os.path.join(HERE, "configs_before_layout.json")))
 
 # Fields added since those config.json files were written (with defaults that
 # leave an old run's meaning unchanged): the only differences allowed.
-ADDED_SINCE = {"data": ("files", "eval_files", "eval_fraction", "txt_documents")}
+ADDED_SINCE = {"data": ("files", "eval_files", "eval_fraction", "txt_documents"),
+               "debug": ("peak_tflops", "profile_steps")}
 
 
 def _without_added_fields(cfg: dict) -> dict:

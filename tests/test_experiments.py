@@ -153,9 +153,11 @@ def test_a_row_without_its_keys_is_rejected(register):
 
 def test_common_rows_crosses_arms_with_seeds():
   rows = common.rows("tiny", {"a": dict(config=SPEC), "b": dict(config=SPEC, x=1)})
-  assert [(r["arm"], r["seed"]) for r in rows] == [("a", 0), ("a", 1), ("a", 2), ("b", 0),
-                                                   ("b", 1), ("b", 2)]
-  assert rows[3]["x"] == 1 and "x" not in rows[0]
+  seeds = common.SEEDS["tiny"]
+  assert len(seeds) >= 3
+  assert [(r["arm"], r["seed"]) for r in rows] == ([("a", s) for s in seeds]
+                                                   + [("b", s) for s in seeds])
+  assert rows[len(seeds)]["x"] == 1 and "x" not in rows[0]
 
 
 def test_list_names_every_experiment():
@@ -164,8 +166,9 @@ def test_list_names_every_experiment():
   starts = {line.split()[0] for line in r.stdout.splitlines() if line and not line[0].isspace()}
   assert set(registry.NAMES) <= starts, r.stdout
   assert "--experiment=NAME" in r.stdout
-  assert "--sweep_index=3   deepseek_s0: configs/moe.py:deepseek_tiny moe.expert_ffn_dim=46" \
-      in r.stdout
+  first_deepseek = len(common.SEEDS["tiny"])  # after the dense rows
+  assert (f"--sweep_index={first_deepseek:<3d} deepseek_s0: configs/moe.py:deepseek_tiny "
+          "moe.expert_ffn_dim=46") in r.stdout
 
 
 def test_dry_run_prints_budget_matches_without_training(tmp_path):
