@@ -332,6 +332,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
                       "(it is created if missing).")
+  _check_workdir_entries(workdir)
   lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   ckpt = None
   try:
@@ -346,6 +347,23 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
       ckpt.close()
     if lock is not None:
       lock.release()
+
+
+# What a run writes in its workdir, and whether each is a file or a directory.
+WORKDIR_ENTRIES = {"config.json": "file", "metrics.jsonl": "file", "final.json": "file",
+                   "checkpoints": "directory", "tensorboard": "directory",
+                   "profile": "directory", "eval": "directory"}
+
+
+def _check_workdir_entries(workdir: str) -> None:
+  """Refuses, before anything runs, a workdir where a file the run writes is a
+  directory or the reverse (it would fail only when first written, maybe at the end)."""
+  for name, kind in WORKDIR_ENTRIES.items():
+    path = os.path.join(workdir, name)
+    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
+      found = "directory" if os.path.isdir(path) else "file"
+      raise ConfigError(f"{path} is a {found}, but the run writes a {kind} there; move it "
+                        "away or pass another --workdir.")
 
 
 def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str, Any]:

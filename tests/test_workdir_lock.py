@@ -53,3 +53,28 @@ def test_a_workdir_that_is_a_file_is_refused(tmp_path):
   r = run_py([*config_flags(TINY_FLAGS), f"--workdir={path}"])
   assert "is a file, not a directory" in _one_error_line(r)
   assert path.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("name,make", [
+    ("metrics.jsonl", "directory"), ("final.json", "directory"), ("config.json", "directory"),
+    ("tensorboard", "file"), ("checkpoints", "file")])
+def test_a_workdir_entry_of_the_wrong_kind_is_refused_before_training(tmp_path, name, make):
+  from moejax.train import train_and_evaluate
+  from tests.helpers import tiny_config
+  path = tmp_path / name
+  if make == "directory":
+    path.mkdir()
+  else:
+    path.write_text("x")
+  with pytest.raises(ConfigError, match=f"{name} is a {make}, but the run writes a "):
+    train_and_evaluate(tiny_config(), str(tmp_path))
+  assert not (tmp_path / ".lock").exists() and sorted(p.name for p in tmp_path.iterdir()) == [name]
+
+
+def test_a_data_dir_that_is_a_file_is_refused(tmp_path):
+  from moejax import data as data_lib
+  from tests.helpers import tiny_config
+  (tmp_path / "data").write_text("x")
+  cfg = tiny_config(**{"data.name": "stdlib_source", "data.data_dir": str(tmp_path / "data")})
+  with pytest.raises(ConfigError, match="is a file; set --config.data.data_dir"):
+    data_lib.resolve_data_dir(cfg.data)

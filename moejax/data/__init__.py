@@ -39,7 +39,11 @@ def resolve_data_dir(data_cfg) -> str:
     raise ConfigError(
         f"--config.data.data_dir={d} is a remote URL, but token caches are memory-mapped "
         "from local files; mount the bucket (e.g. gcsfuse) and pass the mount path.")
-  return os.path.abspath(os.path.expanduser(d))
+  path = os.path.abspath(os.path.expanduser(d))
+  if os.path.exists(path) and not os.path.isdir(path):
+    raise ConfigError(f"The data directory {path} is a file; set --config.data.data_dir "
+                      "(or $TFDS_DATA_DIR) to a directory.")
+  return path
 
 
 def vocab_size(data_cfg) -> int:
