@@ -4,6 +4,7 @@ Modes (`--jax_distributed`):
   off   never initialize (single process);
   on    always initialize: with the coordinator settings if given, else with
         JAX's cluster auto-detection (Cloud TPU, Slurm, Open MPI, Kubernetes);
+        one sentence when neither finds a cluster;
   auto  initialize when the flags or the environment say this is one of several
         processes, else run as a single process.
 Coordinator settings come from the flags, else from the environment variables
@@ -49,6 +50,11 @@ def plan(mode: str, *, coordinator_address: str = "", num_processes: int = 0,
           f"process's index (got {count} and {index}); pass --num_processes and "
           "--process_id, or set JAX_NUM_PROCESSES and JAX_PROCESS_ID.")
     return dict(coordinator_address=address, num_processes=count, process_id=index)
+  if count > 1:
+    raise ConfigError(
+        f"--num_processes={count} needs the coordinator's host:port (process 0's); pass "
+        "--coordinator_address or set JAX_COORDINATOR_ADDRESS, else this would train as "
+        "one process.")
   if mode == "on" or _cluster_detected(env):
     return {}  # JAX detects the cluster
   return None
@@ -64,7 +70,15 @@ def initialize(mode: str = "auto", *, coordinator_address: str = "",
   platforms = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
   if platforms in ("", "cpu"):
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
-  jax.distributed.initialize(**kwargs)
+  try:
+    jax.distributed.initialize(**kwargs)
+  except (ValueError, RuntimeError) as e:
+    if kwargs:
+      raise
+    raise ConfigError(
+        "--jax_distributed=on found no cluster to join (JAX's auto-detection: "
+        f"{' '.join(str(e).split())[:160]}); pass --coordinator_address, --num_processes "
+        "and --process_id, or use --jax_distributed=auto for one process.") from None
   logging.info("jax.distributed: process %d of %d, %d local / %d global devices",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())

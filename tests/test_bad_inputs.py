@@ -32,6 +32,8 @@ CASES = [
     (["--sweep_index=1"], "--sweep_index and --set apply to an experiment"),
     (["--workdir=gs://bucket/run"], "bucket URL"),
     (["--profile_steps=5:2"], "--profile_steps=5:2 must be A:B with 1 <= A < B"),
+    (["--num_processes=2", "--process_id=0"], "--num_processes=2 needs the coordinator"),
+    (["--jax_distributed=on"], "--jax_distributed=on found no cluster to join"),
     (["--config.debug.peak_tflops=-1"], "peak_tflops"),
 ]
 

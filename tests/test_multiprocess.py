@@ -72,6 +72,9 @@ def test_distributed_plan_from_flags_and_environment():
   assert plan("on", env={}) == {}
   with pytest.raises(ConfigError, match="--num_processes and --process_id"):
     plan("auto", coordinator_address="h:1", env={})
+  # Several processes without a coordinator would silently train as one.
+  with pytest.raises(ConfigError, match="--num_processes=2 needs the coordinator"):
+    plan("auto", num_processes=2, process_id=0, env={})
 
 
 @pytest.mark.slow
