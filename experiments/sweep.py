@@ -307,8 +307,10 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
     row, cfg = configs[i]
     workdir = row_workdir(root, name, scale, row)
     done = read_json(os.path.join(workdir, "row.json")) or {}
+    # A reused row's config is the one of the run it points to.
+    ran_in = done.get("reused_from") or workdir
     changed = (done.get("fingerprint") not in (None, fingerprint(cfg))
-               and not same_config_as_row(workdir, cfg))
+               and not same_config_as_row(ran_in, cfg))
     if changed and done.get("status") == "failed":
       # A failed row whose config was fixed since runs again from scratch; its
       # files are kept beside it for a look.
@@ -320,7 +322,7 @@ def run_sweep(name: str, scale: str, root: str, sweep_index: int | None = None,
       continue
     if changed:
       raise ConfigError(f"Row {registry.row_name(row)} in {workdir} was run with another "
-                        f"config than the sweep now builds ({changed_fields(workdir, cfg)}); "
+                        f"config than the sweep now builds ({changed_fields(ran_in, cfg)}); "
                         "rerun with the launch's original --set values, give the changed "
                         "sweep a new --workdir, or delete that row to rerun it.")
   records = []

@@ -375,6 +375,13 @@ def test_rerun_skips_completed_rows_and_equal_configs_are_reused(register, tmp_p
   assert records[0]["status"] == "completed" and "already completed" in said
   assert not trained
 
+  # The same holds for a row that reused another run: its config is that run's.
+  row = read(reused / "row.json")
+  row["fingerprint"] = "1" * 16
+  (reused / "row.json").write_text(json.dumps(row))
+  records, said = sweep_quietly("fake_b", tmp_path)
+  assert [r["status"] for r in records] == ["completed", "completed"] and not trained
+
   # A completed row whose config the sweep now builds differently is not
   # passed off as done: the sweep stops, naming the row, before training.
   register("fake_a", [train_row("base", **{"train.learning_rate": 1e-3})])
