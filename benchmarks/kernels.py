@@ -23,7 +23,7 @@ Shapes (expert count E, d, expert width f, top-k):
     mixtral   8 x (4096 -> 14336), top-2
     deepseek  256 x (7168 -> 2048), top-8 (DeepSeek-V3-like; no shared expert)
     small     64 x (1024 -> 512), top-8 (a small research model)
-Goals (issue 6, GPU): grouped matmul >= 80% of dense at >= 512 rows/expert
+Goals (GPU): grouped matmul >= 80% of dense at >= 512 rows/expert
 and >= 70% at 128-256; >= 3x ragged_dot; >= tokamax; layer >= 75% of dense.
 
   python benchmarks/kernels.py --out=benchmarks/results/kernels_h100.md      # on a GPU

@@ -9,7 +9,7 @@ forward+backward (arguments + outputs + temporaries, from memory_analysis()).
 
   python benchmarks/moe_layer.py --out=benchmarks/results/moe_layer_cpu.md
 
-Goals (issue 3, CPU, default backend `sorted`): (64, 8) at most 1.5x dense;
+Goals (CPU, default backend `sorted`): (64, 8) at most 1.5x dense;
 (256, 8) at most 1.3x the (8, 2) time.
 """
 

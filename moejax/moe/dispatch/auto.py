@@ -11,7 +11,7 @@ measured yet gets the portable `sorted` path, and its entry says so:
        CPU run in interpret mode (an emulation for tests), never a candidate.
   gpu  `sorted`, unmeasured: no GPU was lent while the kernels were written.
        The expectation (XLA's ragged_dot lowers to padded per-group matrices,
-       ~15% MFU on H100, docs/papers/systems.md §2.3) favours `pallas`, but the Triton
+       ~15% MFU on H100, docs/papers/prior_systems.md §2.3) favours `pallas`, but the Triton
        compile and its speed are unchecked; run benchmarks/kernels.py there
        and set the winner here with its results file.
   tpu  `sorted`, unmeasured, likewise (candidates: `pallas`, `ragged_dot`).
