@@ -12,12 +12,32 @@ before anything is built, with one sentence saying what to change (exit 2).
 """
 
 import os
+import re
 import sys
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 _HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+
+def _unknown_field_message(exc: BaseException, argv=None) -> str:
+  text = str(exc).replace("\\n", " ").replace("\\'", "'")
+  field = (re.search(r"\w+", text) or re.search(".*", text)).group(0)
+  suggestion = re.search(r'Did you mean "(\w+)"', text)
+  hint = field
+  for arg in argv or sys.argv:  # name the argument, e.g. --config.moe.dispatch=x
+    if arg.startswith("--config.") and field in arg.partition("=")[0].split(".")[1:]:
+      hint = arg
+      break
+  if suggestion:
+    hint += f"; did you mean {suggestion.group(1)}?"
+  return (f"a --config.* override names a field that does not exist ({hint}); "
+          "the groups are the top-level fields of config.json, e.g. model, train, data, "
+          "moe, atomic (OmniMoE/PEER), mohge, loop, l3 (moejax/config/base.py and each "
+          "paper's config.py list the fields).")
+
 
 try:
   # ml_collections resolves --config.x.y overrides here, so a misspelt field
@@ -27,9 +47,7 @@ try:
       "Config file and preset, e.g. configs/dense.py:tiny. Override any field with "
       "--config.<group>.<field>=value.", lock_config=True)
 except (AttributeError, KeyError) as _e:
-  _hint = str(_e).strip("'\"").replace("\\n", " ").replace("\n", " ").replace("\\'", "'")
-  print(f"config error: a --config.* override names a field that does not exist "
-        f"({_hint}); see moejax/config/base.py for the fields.", file=sys.stderr)
+  print(f"config error: {_unknown_field_message(_e)}", file=sys.stderr)
   sys.exit(2)
 flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
 flags.DEFINE_string("profile_steps", None, "A:B writes a jax.profiler trace of steps A to "
@@ -80,6 +98,18 @@ def _one_line(text: str) -> str:
   return " ".join(str(text).split())
 
 
+def _config_load_message(argv, exc: OSError) -> str:
+  """The sentence for a --config file that is missing or failed to load."""
+  spec = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), "")
+  path = spec.partition(":")[0]
+  if os.path.exists(path) or os.path.exists(os.path.join(_HERE, path)):
+    cause = _config_error_in(exc) or exc.__cause__ or exc
+    return (f"--config={spec} failed to load: {type(cause).__name__}: "
+            f"{_one_line(cause)[:300]}.")
+  return (f"--config={spec}: no such config file, here or under {_HERE} (the presets "
+          "are configs/*.py, e.g. --config=configs/dense.py:tiny).")
+
+
 def parse_flags(argv):
   """absl's parser, but every bad flag prints one sentence instead of a traceback."""
   argv = _config_path_from_anywhere(argv)
@@ -91,6 +121,15 @@ def parse_flags(argv):
     sys.exit(2)
   try:
     return FLAGS(argv)
+  except (AttributeError, KeyError) as e:
+    # An override of a field that does not exist, found while parsing an explicit
+    # --config= (with the default config it is found at definition, above).
+    print(f"config error: {_unknown_field_message(e, argv)}", file=sys.stderr, flush=True)
+    sys.exit(2)
+  except OSError as e:
+    # A --config file that failed to load, met while applying a --config.* override.
+    print(f"config error: {_config_load_message(argv, e)}", file=sys.stderr, flush=True)
+    sys.exit(2)
   except flags.Error as e:
     cause = _config_error_in(e)
     if cause is not None:
@@ -122,16 +161,7 @@ def main(argv):
     cfg = FLAGS.config
     name = cfg.name  # a config file that failed to load fails here, not at parsing
   except OSError as e:
-    spec = next((a.split("=", 1)[1] for a in sys.argv if a.startswith("--config=")), "")
-    path = spec.partition(":")[0]
-    if os.path.exists(path) or os.path.exists(os.path.join(_HERE, path)):
-      cause = e.__cause__ or e
-      print(f"config error: --config={spec} failed to load: {type(cause).__name__}: "
-            f"{_one_line(cause)[:300]}.", file=sys.stderr, flush=True)
-    else:
-      print(f"config error: --config={spec}: no such config file, here or under {_HERE} "
-            "(the presets are configs/*.py, e.g. --config=configs/dense.py:tiny).",
-            file=sys.stderr, flush=True)
+    print(f"config error: {_config_load_message(sys.argv, e)}", file=sys.stderr, flush=True)
     sys.exit(2)
   workdir = FLAGS.workdir or os.path.join("runs", name)
   if FLAGS.profile_steps is not None:
@@ -148,6 +178,7 @@ def main(argv):
     distributed.initialize(FLAGS.jax_distributed,
                            coordinator_address=FLAGS.coordinator_address,
                            num_processes=FLAGS.num_processes, process_id=FLAGS.process_id)
+    distributed.check_platform()
     if FLAGS.experiment and any(a.startswith("--config") for a in sys.argv[1:]):
       raise ConfigError("--config and --config.* set a single run and are ignored by "
                         "--experiment; change every row with --set=group.field=value.")

@@ -41,6 +41,12 @@ def plan(mode: str, *, coordinator_address: str = "", num_processes: int = 0,
   address = coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
   count = num_processes or int(env.get("JAX_NUM_PROCESSES", "0") or 0)
   index = process_id if process_id >= 0 else int(env.get("JAX_PROCESS_ID", "-1") or -1)
+  if count < 0:
+    raise ConfigError(f"--num_processes={count} must be a positive number of processes.")
+  if index >= 0 and count < 1 and not address:
+    raise ConfigError(
+        f"--process_id={index} needs --num_processes (and --coordinator_address): a "
+        "process index alone would train as one process.")
   if mode == "off":
     return None
   if address:
@@ -83,3 +89,18 @@ def initialize(mode: str = "auto", *, coordinator_address: str = "",
                jax.process_index(), jax.process_count(), jax.local_device_count(),
                jax.device_count())
   return True
+
+
+def check_platform() -> None:
+  """Starts JAX's backend now, so that a platform that is not there (e.g.
+  JAX_PLATFORMS=cuda on a machine without a GPU or without jax's CUDA plugin) is
+  one sentence rather than an AssertionError deep inside the first jax call."""
+  try:
+    jax.devices()
+  except (RuntimeError, AssertionError) as e:
+    asked = jax.config.jax_platforms or os.environ.get("JAX_PLATFORMS", "")
+    detail = " ".join(str(e).split())[:200]
+    raise ConfigError(
+        f"JAX could not start the platform {asked or '(default)'!r} on this machine"
+        f"{f' ({detail})' if detail else ''}; unset JAX_PLATFORMS (or --jax_platforms) to use "
+        "what is here, or install the jax plugin for that accelerator.") from None

@@ -72,6 +72,10 @@ def profile_range(text: str) -> tuple[int, int] | None:
 def validate_data(d) -> None:
   """The fields of the local files dataset (the others are checked with the data)."""
   if d.name != tfds_access.FILES:
+    stray = [f for f in ("files", "eval_files") if str(d[f]).strip()]
+    require(not stray,
+            f"--config.data.{stray[0] if stray else ''} is set, but data.name is {d.name!r}, "
+            "which ignores it; add --config.data.name=files to train on your files.")
     return
   require(str(d.files).strip(),
           "--config.data.name=files needs --config.data.files, a glob of your text "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import functools
 import os
 
+from moejax.data import local_files
 from moejax.data import preparation as _prepare
 from moejax.data import stdlib_corpus as _stdlib_corpus
 from moejax.data import synthetic as _synthetic
@@ -83,6 +84,10 @@ def check_ready(data_cfg, *, splits=None) -> None:
       raise ConfigError(
           f"{what} not prepared in {data_dir} and data.auto_prepare is off; prepare "
           f"{it} with: {prepare_command(data_cfg, data_dir)}")
+  if data_cfg.name in (tfds_access.EMBEDDED, tfds_access.FILES):
+    # Their splits are fixed: refuse another before any workdir is made.
+    _check_splits(data_cfg, splits, _stdlib_corpus.SPLITS if data_cfg.name ==
+                  tfds_access.EMBEDDED else local_files.SPLITS)
   if data_cfg.name == tfds_access.FILES:
     return  # the builder is named by the files' fingerprint: it is theirs
   if data_cfg.name == tfds_access.EMBEDDED:
@@ -106,11 +111,20 @@ def check_ready(data_cfg, *, splits=None) -> None:
         f"{tfds_access.file_format(builder)}, which needs TensorFlow to read; convert it "
         f"with: tfds convert_format --dataset_dir={builder.data_path} "
         "--out_file_format=array_record")
-  for split in splits or (data_cfg.train_split, data_cfg.eval_split):
-    if split not in builder.info.splits:
+  _check_splits(data_cfg, splits, builder.info.splits)
+
+
+def _check_splits(data_cfg, splits, available) -> None:
+  for field in ("train_split", "eval_split"):
+    split = data_cfg[field]
+    if splits is None and split not in available:
       raise ConfigError(
-          f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
-          f"{sorted(builder.info.splits)}); set --config.data.train_split / eval_split.")
+          f"--config.data.{field}={split!r}: dataset {data_cfg.name!r} has no such split "
+          f"(it has {sorted(available)}).")
+  for split in splits or ():
+    if split not in available:
+      raise ConfigError(f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
+                        f"{sorted(available)}).")
 
 
 class RunData:

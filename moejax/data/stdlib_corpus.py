@@ -21,6 +21,7 @@ import tensorflow_datasets as tfds
 
 EXCLUDED_DIRS = frozenset({"site-packages", "test", "tests", "idlelib", "lib2to3"})
 VALIDATION_PERCENT = 5
+SPLITS = ("train", "validation")
 
 
 def stdlib_root() -> pathlib.Path:
@@ -70,8 +71,7 @@ class StdlibSource(tfds.core.GeneratorBasedBuilder):
 
   def _split_generators(self, dl_manager):
     del dl_manager  # nothing to download
-    return {"train": self._generate_examples("train"),
-            "validation": self._generate_examples("validation")}
+    return {split: self._generate_examples(split) for split in SPLITS}
 
   def _generate_examples(self, split: str):
     root = stdlib_root()
