@@ -49,7 +49,8 @@ try:
 except (AttributeError, KeyError) as _e:
   print(f"config error: {_unknown_field_message(_e)}", file=sys.stderr)
   sys.exit(2)
-flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name>).")
+flags.DEFINE_string("workdir", None, "Where outputs and checkpoints go (default runs/<config name> followed by the "
+                    "--config.* overrides, e.g. runs/dense_tiny,train.steps=50).")
 flags.DEFINE_string("profile_steps", None, "A:B writes a jax.profiler trace of steps A to "
                     "B-1 under <workdir>/profile (same as --config.debug.profile_steps).")
 flags.DEFINE_bool("dry_run", False, "Validate the config and print its budget, then exit.")
@@ -153,7 +154,7 @@ def main(argv):
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   import jax  # after flag parsing, so --jax_* flags and XLA_FLAGS apply
   from moejax import distributed
-  from moejax.errors import ConfigError, NonFiniteLossError
+  from moejax.errors import CheckpointSaveError, ConfigError, NonFiniteLossError
 
   if not FLAGS["verbosity"].present:
     logging.set_verbosity(logging.WARNING)  # Orbax and TFDS are chatty at INFO
@@ -163,7 +164,9 @@ def main(argv):
   except OSError as e:
     print(f"config error: {_config_load_message(sys.argv, e)}", file=sys.stderr, flush=True)
     sys.exit(2)
-  workdir = FLAGS.workdir or os.path.join("runs", name)
+  from moejax.workdir import default_workdir
+  workdir = FLAGS.workdir or default_workdir(
+      name, config_flags.get_override_values(FLAGS["config"]))
   if FLAGS.profile_steps is not None:
     cfg.debug.profile_steps = FLAGS.profile_steps
   try:
@@ -203,7 +206,7 @@ def main(argv):
   except ConfigError as e:
     print(f"config error: {e}", file=sys.stderr, flush=True)
     sys.exit(2)
-  except NonFiniteLossError as e:
+  except (NonFiniteLossError, CheckpointSaveError) as e:
     print(f"training stopped: {e}", file=sys.stderr, flush=True)
     sys.exit(3)
 

@@ -11,13 +11,17 @@ touches one file.
 
 from __future__ import annotations
 
+import contextlib
+import logging as logging_std
 import os
+import re
+import sys
 
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
 
-from moejax.errors import ConfigError
+from moejax.errors import CheckpointSaveError, ConfigError
 
 
 class Checkpointer:
@@ -31,6 +35,10 @@ class Checkpointer:
     )
     self._manager = ocp.CheckpointManager(self.directory, options=options)
     self._closed = False
+    self._pending: int | None = None  # the step of a save not yet known to be whole
+    self._failed = False
+    _quiet_orbax_errors()
+    _quiet_closed_loop_errors()
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -39,13 +47,43 @@ class Checkpointer:
     return sorted(self._manager.all_steps())
 
   def save(self, step: int, state, meta: dict) -> None:
-    """Starts saving `state` at `step` (returns once the device copy is done)."""
-    self._manager.save(
-        int(step),
-        args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                meta=ocp.args.JsonSave(meta)),
-        force=True,
-    )
+    """Starts saving `state` at `step` (returns once the device copy is done).
+    A failure of this save, or of the previous one, raises CheckpointSaveError."""
+    if self._pending is not None:
+      self.wait()  # Orbax waits for the previous save anyway; this names its step
+    with self._save_errors(int(step)):
+      self._manager.save(
+          int(step),
+          args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                  meta=ocp.args.JsonSave(meta)),
+          force=True,
+      )
+    self._pending = int(step)
+
+  def check_saved(self) -> None:
+    """Raises CheckpointSaveError as soon as a background save has failed (called
+    every step: a local flag read while a save runs). Single-process only: on
+    several processes the error surfaces at the next save or wait, which every
+    process reaches together."""
+    if self._pending is None or jax.process_count() > 1:
+      return
+    if not self._manager.is_saving_in_progress():
+      self.wait()
+
+  @contextlib.contextmanager
+  def _save_errors(self, step: int | None):
+    try:
+      yield
+    except Exception as e:  # pylint: disable=broad-except  # any failed write
+      self._failed = True
+      failed = step
+      whole = [s for s in self.all_steps() if s != failed]
+      raise CheckpointSaveError(
+          f"Saving the checkpoint of step {failed} in {self.directory} failed "
+          f"({_save_reason(e)}), so training stopped; free space or fix the disk, then "
+          "rerun the same command to resume from "
+          f"{f'step {whole[-1]}, the newest whole checkpoint' if whole else 'the start'}."
+      ) from None
 
   def read_meta(self, step: int) -> dict:
     """The JSON metadata of a checkpoint, without touching the arrays."""
@@ -128,17 +166,80 @@ class Checkpointer:
     return self._manager.reached_preemption(int(step))
 
   def wait(self) -> None:
-    self._manager.wait_until_finished()
+    """Waits for a pending save; CheckpointSaveError if it failed."""
+    with self._save_errors(self._pending):
+      self._manager.wait_until_finished()
+    self._pending = None
 
   def close(self) -> None:
-    """Waits for pending saves and stops Orbax's threads; a second call does nothing."""
+    """Waits for pending saves and stops Orbax's threads; a second call does
+    nothing. After a failed save (already raised) it only stops the threads."""
     if self._closed:
       return
     self._closed = True
+    if self._failed:
+      # Closing Orbax now would close its event loop under the failed save's
+      # writes still in flight in TensorStore (a traceback per write); its
+      # threads are daemons and end with the process.
+      return
     try:
-      self._manager.wait_until_finished()
+      self.wait()
     finally:
       self._manager.close()
+
+
+class _OneLineOrbaxErrors(logging_std.Filter):
+  """Orbax logs a failed background save from each of its threads with a full
+  traceback (hundreds of lines for one full disk), and CheckpointSaveError says
+  it in one sentence. Orbax's error records (and asyncio's about Orbax's writes)
+  are therefore dropped at the default verbosity and cut to their first line at
+  --verbosity=0 or above."""
+
+  def filter(self, record):
+    if record.levelno < logging_std.ERROR or not (
+        "orbax" in record.pathname
+        # asyncio reports, at exit, each write of the failed save nobody awaited
+        or (record.name == "asyncio" and "orbax" in str(record.getMessage())
+            + str(record.exc_info and record.exc_info[1]))):
+      return True
+    if logging.get_verbosity() < logging.INFO:
+      return False
+    record.msg = str(record.getMessage()).splitlines()[0][:300] if record.msg else ""
+    record.args, record.exc_info, record.exc_text = (), None, None
+    return True
+
+
+def _quiet_closed_loop_errors() -> None:
+  """When a background save fails, Orbax's save thread closes its event loop
+  while TensorStore still completes the save's other writes; each completion then
+  reports "Event loop is closed" as an unraisable exception, with a traceback.
+  They say nothing that CheckpointSaveError does not, so they are dropped."""
+  previous = sys.unraisablehook
+  if getattr(previous, "moejax_quiet", False):
+    return
+
+  def hook(info):
+    if not (info.exc_type is RuntimeError and str(info.exc_value) == "Event loop is closed"):
+      previous(info)
+
+  hook.moejax_quiet = True
+  sys.unraisablehook = hook
+
+
+def _quiet_orbax_errors() -> None:
+  handler = logging.get_absl_handler()
+  if not any(isinstance(f, _OneLineOrbaxErrors) for f in handler.filters):
+    handler.addFilter(_OneLineOrbaxErrors())
+
+
+_OS_ERRORS = re.compile(r"No space left on device|Disk quota exceeded|Read-only file system|"
+                        r"Permission denied|Input/output error|Stale file handle")
+
+
+def _save_reason(error: Exception) -> str:
+  """The operating system's reason when the error carries one, else its first line."""
+  found = _OS_ERRORS.search(str(error))
+  return found.group(0) if found else _reason(error)
 
 
 def _reason(error: Exception) -> str:

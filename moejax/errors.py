@@ -11,3 +11,8 @@ class ConfigError(ValueError):
 
 class NonFiniteLossError(RuntimeError):
   """Training produced a NaN or inf loss; the last good checkpoint is kept."""
+
+
+class CheckpointSaveError(RuntimeError):
+  """A checkpoint could not be written (full disk, lost mount); training stops at
+  once, and the checkpoints already whole are kept."""

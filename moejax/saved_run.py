@@ -106,7 +106,7 @@ class SavedRun:
 
     data = data_lib.RunData.prepare(cfg.data)
     saved_fp = meta.get("dataset", {}).get("tokenizer_fingerprint")
-    if saved_fp and saved_fp != data.tokenizer.fingerprint:
+    if saved_fp and not config_lib.same_tokenizer(saved_fp, data.info):
       raise ConfigError(
           f"The tokenizer found for {cfg.data.name!r} in {data.data_dir} is not the one "
           f"the run in {workdir} was trained with (fingerprint "

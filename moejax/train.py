@@ -39,12 +39,14 @@ from moejax import mfu as mfu_lib
 from moejax.config import budget_match
 from moejax import config as config_lib
 from moejax import data as data_lib
+from moejax import run_history
 from moejax import sharding
 from moejax.checkpoint import Checkpointer
 from moejax.errors import ConfigError, NonFiniteLossError
-from moejax.metrics import MetricWriter, write_json
+from moejax.metrics import MetricWriter
 from moejax.model.transformer import Transformer
 from moejax.optim import learning_rate_schedule, make_optimizer
+from moejax import workdir as workdir_lib
 from moejax.workdir_lock import WorkdirLock
 
 BATCH_KEYS = ("inputs", "targets", "segment_ids", "positions", "weights")
@@ -332,7 +334,7 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
   if os.path.exists(workdir) and not os.path.isdir(workdir):
     raise ConfigError(f"--workdir={workdir} is a file, not a directory; pass a directory "
                       "(it is created if missing).")
-  _check_workdir_entries(workdir)
+  workdir_lib.check_entries(workdir)
   lock = WorkdirLock(workdir).acquire() if jax.process_index() == 0 else None
   ckpt = None
   try:
@@ -349,23 +351,6 @@ def train_and_evaluate(cfg, workdir: str) -> dict[str, Any]:
       lock.release()
 
 
-# What a run writes in its workdir, and whether each is a file or a directory.
-WORKDIR_ENTRIES = {"config.json": "file", "metrics.jsonl": "file", "final.json": "file",
-                   "checkpoints": "directory", "tensorboard": "directory",
-                   "profile": "directory", "eval": "directory"}
-
-
-def _check_workdir_entries(workdir: str) -> None:
-  """Refuses, before anything runs, a workdir where a file the run writes is a
-  directory or the reverse (it would fail only when first written, maybe at the end)."""
-  for name, kind in WORKDIR_ENTRIES.items():
-    path = os.path.join(workdir, name)
-    if os.path.exists(path) and os.path.isdir(path) != (kind == "directory"):
-      found = "directory" if os.path.isdir(path) else "file"
-      raise ConfigError(f"{path} is a {found}, but the run writes a {kind} there; move it "
-                        "away or pass another --workdir.")
-
-
 def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str, Any]:
   num_processes, process_index = jax.process_count(), jax.process_index()
   match = budget_match.check_config(cfg, data_lib.vocab_size(cfg.data))
@@ -378,7 +363,13 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
     for warning in config_lib.resume_warnings(saved_meta["config"], cfg_dict):
       say(f"warning: {warning}")
   if process_index == 0:
-    write_json(os.path.join(workdir, "config.json"), cfg_dict)
+    changed = run_history.record_config(
+        workdir, cfg_dict, saved_config=None if saved_meta is None else saved_meta["config"],
+        resume_step=latest)
+    if changed:
+      shown = "; ".join(changed[:6]) + ("; ..." if len(changed) > 6 else "")
+      say(f"resuming from step {latest} with a changed config ({shown}); every version "
+          f"is kept in {run_history.CONFIG_HISTORY}")
 
   # --- data -----------------------------------------------------------------
   data = data_lib.RunData.prepare(cfg.data)
@@ -452,7 +443,7 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
         final = dict(status="failed_nonfinite_loss", step=step, first_bad_step=bad,
                      last_checkpoint=last_good, workdir=workdir)
         if process_index == 0:
-          write_json(os.path.join(workdir, "final.json"), final)
+          run_history.write_final(workdir, final)
         ckpt.close()
         if last_good is None:
           raise NonFiniteLossError(
@@ -493,6 +484,7 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
           say(f"compiling the train step ... (peak {peak:,.2f} TFLOP/s per device: "
               f"{peak_source})")
         state, metrics = train_step(state, batch)
+        ckpt.check_saved()  # a failed background save stops the run at once
         if first:
           jax.block_until_ready(metrics)
           say(f"compiled and ran the first step in {time.time() - t0:.1f} s")
@@ -573,11 +565,13 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
     writer.close()
     ckpt.close()
     if process_index == 0:
-      write_json(os.path.join(workdir, "final.json"), final)
+      run_history.write_final(workdir, final)
   if status == "completed":
     say(f"done: step {end_step} | validation loss {final['eval/loss']:.4f} | "
         f"bits/byte {final['eval/bits_per_byte']:.4f} | perplexity "
         f"{final['eval/perplexity']:.2f}")
-  say(f"outputs in {workdir}: config.json, metrics.jsonl, tensorboard/, "
-      "checkpoints/, final.json")
+  written = [name + ("/" if kind == "directory" else "")
+             for name, kind in workdir_lib.ENTRIES.items()
+             if os.path.exists(os.path.join(workdir, name))]
+  say(f"outputs in {workdir}: {', '.join(written)}")
   return final

@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 import moejax.data as data
-from moejax.data import stdlib_corpus
+from moejax.data import preparation, stdlib_corpus
+from moejax.data import tokenizer as tokenizer_lib
 from moejax.data.tokenizer import ByteTokenizer
 from moejax.errors import ConfigError
 from tests.helpers import tiny_config
@@ -128,3 +129,48 @@ def test_a_corpus_prepared_from_other_files_is_refused(prepared, tmp_path):
   with pytest.raises(ConfigError, match="prepared from other files.*delete that folder"):
     data.check_ready(cfg)
   data.check_ready(prepared)  # the untouched original passes
+
+
+def test_a_token_cache_that_is_not_as_written_is_rebuilt(prepared, capsys):
+  """Overwritten with other valid token ids of the same size, or cut short: the
+  checksum recorded when it was written catches both, and the cache is rebuilt."""
+  path = data.RunData(prepared).cache_path("validation")
+  original = np.load(path).copy()
+  shuffled = np.random.default_rng(0).permutation(original)  # valid ids, same size
+  np.save(path, shuffled)
+  assert os.path.getsize(path) == original.nbytes + 128  # the npy header
+  data.prepare(prepared)
+  assert f"the token cache {path} is not as written (bytes 0 to" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(path), original)
+
+  with open(path, "r+b") as f:
+    f.truncate(os.path.getsize(path) // 2)
+  data.prepare(prepared)
+  assert "is not as written (its size is" in capsys.readouterr().out
+  np.testing.assert_array_equal(np.load(path), original)
+  data.prepare(prepared)  # whole now: nothing is rebuilt
+  assert "rebuilding" not in capsys.readouterr().out
+
+
+def test_a_tokenizer_that_is_not_as_trained_is_retrained_with_the_same_pieces(
+    prepared, capsys):
+  """The fingerprint is what defines the tokenizer, not where it was trained: the
+  retrained file differs (it records its training path) but its fingerprint does
+  not, so the token caches and runs keyed by it stay valid."""
+  data_dir = data.resolve_data_dir(prepared)
+  path = preparation.tokenizer_path(prepared, data_dir)
+  before = data.load_tokenizer(prepared).fingerprint
+  with open(path, "rb") as f:
+    content = f.read()
+  with open(path, "wb") as f:
+    f.write(content[: len(content) // 2])
+  with pytest.raises(ConfigError, match=r"is not as trained \(its size is .*delete it"):
+    preparation.tokenizer_for(prepared, data_dir)
+  data.prepare(prepared)
+  out = capsys.readouterr().out
+  assert f"the tokenizer {path} is not as trained" in out and "tokenized" not in out
+  with open(path, "rb") as f:
+    retrained = f.read()
+  assert retrained != content
+  assert tokenizer_lib.pieces_fingerprint(retrained) == before == (
+      data.load_tokenizer(prepared).fingerprint)

@@ -6,5 +6,5 @@ is built (validation.py), what a resume may and may not change (resume.py),
 from moejax.config.base import base_config, parse_preset, to_dict
 from moejax.config.resume import (RESUME_FIXED_DATA, RESUME_FIXED_FIELDS,
                                   check_resume_compatible, check_same_data, differences,
-                                  resume_fixed_fields, resume_warnings)
+                                  resume_fixed_fields, resume_warnings, same_tokenizer)
 from moejax.config.validation import profile_range, validate

@@ -43,10 +43,19 @@ def differences(saved, current, prefix: str = "") -> list[str]:
   return [] if saved == current else [f"{prefix}: {saved!r} -> {current!r}"]
 
 
+def same_tokenizer(recorded: str, current: dict) -> bool:
+  """Whether a recorded tokenizer fingerprint names the tokenizer of `current`
+  (a dataset info): its pieces' fingerprint, or the hash of its .model file,
+  which checkpoints recorded before the pieces' fingerprint existed."""
+  return recorded in (current.get("tokenizer_fingerprint"),
+                      current.get("tokenizer_file_fingerprint"))
+
+
 def check_same_data(saved: dict, current: dict, workdir: str) -> None:
   """Refuses to resume when the data itself changed under the same config."""
   diffs = [f"{k}: {saved.get(k)!r} -> {current.get(k)!r}" for k in RESUME_FIXED_DATA
-           if k in saved and saved.get(k) != current.get(k)]
+           if k in saved and saved.get(k) != current.get(k)
+           and not (k == "tokenizer_fingerprint" and same_tokenizer(saved[k], current))]
   if diffs and current.get("name") == FILES:
     raise ConfigError(
         f"The checkpoint in {workdir} was trained on other files: the files matched by "

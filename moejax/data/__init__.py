@@ -254,6 +254,8 @@ class RunData:
     tok, c = self.tokenizer, self.cfg
     info = dict(name=c.name, tokenizer="byte" if self.synthetic else c.tokenizer,
                 tokenizer_fingerprint=tok.fingerprint, vocab_size=tok.vocab_size)
+    if getattr(tok, "file_fingerprint", None):
+      info["tokenizer_file_fingerprint"] = tok.file_fingerprint
     if self.synthetic:
       info.update(train_tokens=int(_synthetic.TRAIN_TOKENS),
                   eval_tokens=int(_synthetic.EVAL_TOKENS))

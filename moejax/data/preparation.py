@@ -14,6 +14,7 @@ import os
 import time
 
 from moejax.data import tfds_access, token_cache
+from moejax.data import tokenizer as tokenizer_lib
 from moejax.data.tokenizer import ByteTokenizer, SentencePieceTokenizer, train_sentencepiece
 from moejax.errors import ConfigError
 
@@ -52,7 +53,13 @@ def tokenizer_for(data_cfg, data_dir: str):
   """The tokenizer of a prepared TFDS dataset: bytes, or its trained sentencepiece."""
   if data_cfg.tokenizer == "byte":
     return ByteTokenizer()
-  return _load_sentencepiece(tokenizer_path(data_cfg, data_dir))
+  path = tokenizer_path(data_cfg, data_dir)
+  problem = tokenizer_lib.problem(path)
+  if problem is not None:
+    what = "missing" if problem == "missing" else f"not as trained ({problem})"
+    raise ConfigError(f"The tokenizer {path} is {what}; delete it if present and rerun: "
+                      "data preparation trains it again.")
+  return _load_sentencepiece(path)
 
 
 @functools.lru_cache(maxsize=8)
@@ -120,13 +127,17 @@ def prepare_all(data_cfg, data_dir: str, *, tokenizer=None, splits=None) -> None
       os.replace(tmp, corpus_json)
     if data_cfg.tokenizer == "sentencepiece" and tokenizer is None:
       path = tokenizer_path(data_cfg, data_dir)
-      if not os.path.exists(path):
+      problem = tokenizer_lib.problem(path)
+      if problem not in (None, "missing"):
+        log(f"the tokenizer {path} is not as trained ({problem}); training it again")
+      if problem is not None:
         start = time.time()
         log(f"training a sentencepiece tokenizer (vocab {data_cfg.vocab_size}) on "
              f"{data_cfg.name}/{data_cfg.train_split}")
         train_sentencepiece(tfds_access.read_texts(builder, data_cfg.train_split,
                                                    _text_feature(data_cfg)),
                             data_cfg.vocab_size, path)
+        _load_sentencepiece.cache_clear()  # a tokenizer loaded before is stale
         log(f"tokenizer ready in {time.time() - start:.1f} s: {path}")
     tokenizer = tokenizer or tokenizer_for(data_cfg, data_dir)
     for split in splits or (data_cfg.train_split, data_cfg.eval_split):
@@ -134,8 +145,11 @@ def prepare_all(data_cfg, data_dir: str, *, tokenizer=None, splits=None) -> None
         raise ConfigError(f"Dataset {data_cfg.name!r} has no split {split!r} (it has "
                           f"{sorted(builder.info.splits)}).")
       path = cache_path(data_cfg, data_dir, tokenizer, split)
-      if os.path.exists(path) and os.path.exists(path[:-4] + ".json"):
+      problem = token_cache.problem(path)
+      if problem is None:
         continue
+      if problem != "missing":
+        log(f"the token cache {path} is not as written ({problem}); rebuilding it")
       start = time.time()
       meta = dict(_corpus_meta(builder), split=split,
                   tokenizer_fingerprint=tokenizer.fingerprint)

@@ -6,7 +6,9 @@
 
 The stream is [bos, doc0, bos, doc1, ...] (see packing.py) in uint16 when the
 vocabulary allows. Files are written to a temporary name and renamed, so a
-killed process never leaves a half-written cache. Training memory-maps them.
+killed process never leaves a half-written cache; the sidecar records the
+stream's checksum (checksums.py), checked before each run uses it. Training
+memory-maps them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import time
 import numpy as np
 from absl import logging
 
+from moejax.data import checksums
 from moejax.data.packing import concat_documents
 
 
@@ -58,14 +61,27 @@ def build(path: str, texts, tokenizer, meta: dict, *, chunk: int = 1024) -> dict
   os.makedirs(os.path.dirname(path), exist_ok=True)
   tmp = f"{path[:-4]}.{os.getpid()}.tmp.npy"  # unique per process (several hosts)
   np.save(tmp, stream)
-  os.replace(tmp, path)
   info = dict(meta, documents=docs, tokens=int(stream.size), bytes=int(nbytes),
-              tokenize_seconds=round(time.time() - start, 2))
+              tokenize_seconds=round(time.time() - start, 2),
+              checksum=checksums.digest(tmp))
+  os.replace(tmp, path)
   tmp_json = f"{path[:-4]}.{os.getpid()}.tmp.json"
   with open(tmp_json, "w") as f:
     json.dump(info, f, indent=2, sort_keys=True)
   os.replace(tmp_json, path[:-4] + ".json")
   return info
+
+
+def problem(path: str) -> str | None:
+  """Why the cache at `path` cannot be used (missing, no sidecar, or not what was
+  written), or None when it is whole."""
+  if not (os.path.exists(path) and os.path.exists(path[:-4] + ".json")):
+    return "missing"
+  try:
+    info = load_info(path)
+  except (OSError, ValueError) as e:
+    return f"its .json does not read ({type(e).__name__})"
+  return checksums.mismatch(path, info.get("checksum"))
 
 
 def load(path: str) -> np.ndarray:

@@ -9,13 +9,15 @@ Every document is prefixed with BOS, which doubles as the document separator.
 from __future__ import annotations
 
 import hashlib
-import re
+import json
 import os
+import re
 import tempfile
 from typing import Iterable, Protocol
 
 import numpy as np
 
+from moejax.data import checksums
 from moejax.errors import ConfigError
 
 # Bump when encode() changes: token caches are keyed by the tokenizer fingerprint.
@@ -78,8 +80,11 @@ class SentencePieceTokenizer:
     self._sp = spm.SentencePieceProcessor(model_file=model_path)
     self.vocab_size = self._sp.get_piece_size()
     with open(model_path, "rb") as f:
-      # The encoding code is part of what a token cache depends on.
-      self.fingerprint = hashlib.sha256(f.read() + ENCODER_VERSION).hexdigest()
+      content = f.read()
+    self.fingerprint = pieces_fingerprint(content)
+    # The hash of the file as written, which also records where it was trained:
+    # checkpoints and caches made before pieces_fingerprint recorded this one.
+    self.file_fingerprint = hashlib.sha256(content + ENCODER_VERSION).hexdigest()
     self._bytes: list[bytes] = []
     for i in range(self.vocab_size):
       piece = self._sp.id_to_piece(i)
@@ -108,6 +113,55 @@ class SentencePieceTokenizer:
 
   def decode(self, ids: Iterable[int]) -> str:
     return b"".join(self._bytes[int(i)] for i in ids).decode("utf-8", errors="replace")
+
+
+def pieces_fingerprint(model_bytes: bytes) -> str:
+  """What defines the tokenizer: its pieces, scores and types, its normaliser and
+  its settings, less where it was trained (the training file's temporary path);
+  with the encoding code's version, which a token cache also depends on."""
+  from sentencepiece import sentencepiece_model_pb2  # pylint: disable=import-outside-toplevel
+  proto = sentencepiece_model_pb2.ModelProto()
+  proto.ParseFromString(model_bytes)
+  del proto.trainer_spec.input[:]
+  proto.trainer_spec.ClearField("model_prefix")
+  return hashlib.sha256(proto.SerializeToString(deterministic=True)
+                        + ENCODER_VERSION).hexdigest()
+
+
+def sidecar(model_path: str) -> str:
+  return model_path + ".json"
+
+
+def _record(model_path: str) -> None:
+  """The tokenizer's checksum and fingerprint, beside it."""
+  with open(model_path, "rb") as f:
+    fingerprint = pieces_fingerprint(f.read())
+  tmp = f"{sidecar(model_path)}.{os.getpid()}.tmp"
+  with open(tmp, "w") as f:
+    json.dump(dict(checksum=checksums.digest(model_path), fingerprint=fingerprint), f,
+              indent=2)
+  os.replace(tmp, sidecar(model_path))
+
+
+def problem(model_path: str) -> str | None:
+  """Why the tokenizer at `model_path` cannot be used ("missing", or not the file
+  that was trained), or None. One without a recorded checksum that loads gets
+  its checksum recorded now."""
+  if not os.path.exists(model_path):
+    return "missing"
+  if not os.path.exists(sidecar(model_path)):
+    try:
+      SentencePieceTokenizer(model_path)
+    except Exception as e:  # pylint: disable=broad-except  # any unreadable model
+      return f"it does not load ({type(e).__name__})"
+    _record(model_path)
+    return None
+  try:
+    with open(sidecar(model_path)) as f:
+      recorded = json.load(f)
+  except (OSError, ValueError) as e:
+    return f"its .json does not read ({type(e).__name__})"
+  return checksums.mismatch(model_path, recorded.get("checksum"))
 
 
 def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
@@ -144,6 +198,7 @@ def train_sentencepiece(texts: Iterable[str], vocab_size: int, model_path: str,
     with open(prefix + ".model", "rb") as src, open(tmp_model, "wb") as dst:
       dst.write(src.read())
     os.replace(tmp_model, model_path)
+  _record(model_path)
 
 
 def _train(spm, corpus: str, prefix: str, vocab_size: int) -> None:
