@@ -17,6 +17,8 @@ measured yet gets the portable `sorted` path, and its entry says so:
   tpu  `sorted`, unmeasured, likewise (candidates: `pallas`, `ragged_dot`).
 """
 
+import json
+import os
 from typing import NamedTuple
 
 import jax
@@ -33,6 +35,23 @@ FASTEST: dict[str, Choice] = {
     "tpu": Choice("sorted", "unmeasured: no TPU run of benchmarks/kernels.py yet"),
 }
 FALLBACK = Choice("sorted", "no entry for this platform; the portable pure-JAX path")
+
+# A device check (scripts/device_check.sh) records each platform's measured winner
+# here; a recorded entry replaces the one above.
+MEASURED = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))), "benchmarks", "results", "auto_backend.json")
+
+
+def _measured() -> dict[str, Choice]:
+  if not os.path.exists(MEASURED):
+    return {}
+  with open(MEASURED) as f:
+    table = json.load(f)
+  return {platform: Choice(entry["backend"], f"measured: {entry['evidence']}")
+          for platform, entry in table.items()}
+
+
+FASTEST.update(_measured())
 
 
 def choice(platform: str | None = None) -> Choice:
