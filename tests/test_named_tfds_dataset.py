@@ -46,7 +46,8 @@ def test_prepared_named_dataset_trains_like_lm1b(tmp_path):
   MoejaxTestSentences(data_dir=str(tmp_path), file_format="array_record").download_and_prepare(
       download_config=tfds.download.DownloadConfig(try_download_gcs=False))
   data.tfds_access.forget_builders()  # the unprepared builder was cached above
-  with pytest.raises(ConfigError, match="no split 'validation'"):
+  with pytest.raises(ConfigError, match="eval_split='validation': dataset "
+                     "'moejax_test_sentences' has no such split"):
     data.check_ready(tiny_config(**{**overrides, "data.eval_split": "validation"}).data)
   with pytest.raises(ConfigError, match=r"too small for --config.data.vocab_size=65536; use at most \d+"):
     data.prepare(tiny_config(**{**overrides, "data.vocab_size": 65536}).data)
