@@ -5,6 +5,8 @@ overrides, so another command does not resume this run."""
 
 import json
 
+import pytest
+
 from moejax import run_history
 from moejax.train import train_and_evaluate
 from moejax.workdir import default_workdir
@@ -50,6 +52,7 @@ def test_a_changed_resume_is_announced_and_every_config_and_result_is_kept(
       json.dumps(second))
 
 
+@pytest.mark.slow  # two more trainings; the default run keeps the test above
 def test_a_workdir_without_history_keeps_what_it_had(tmp_path, capsys):
   """A run written before the history files existed: its checkpoint's config and
   its final.json become the first lines."""

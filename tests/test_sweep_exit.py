@@ -2,6 +2,8 @@
 prints the summary and exits 1 (the process does not hang on Orbax's threads),
 and the same row, fixed, runs again on the next launch and exits 0."""
 
+import pytest
+
 from tests.helpers import run_py
 
 FAST = ["--set=data.name=synthetic", "--set=data.tokenizer=byte", "--set=train.steps=6",
@@ -10,6 +12,7 @@ FAST = ["--set=data.name=synthetic", "--set=data.tokenizer=byte", "--set=train.s
         "--set=checkpoint.every=2"]
 
 
+@pytest.mark.slow  # two sweeps through run.py; the in-process rerun is in test_experiments
 def test_a_failed_row_exits_1_and_runs_again_once_fixed(tmp_path):
   args = ["--experiment=omnimoe", "--sweep_index=0", *FAST, f"--workdir={tmp_path}"]
   r = run_py([*args, "--set=debug.inject_nan_at_step=3"], timeout=600)
