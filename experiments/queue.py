@@ -10,6 +10,9 @@ alone on the machine. scripts/run_all_tiny.sh feeds these lines to
 `run.py --experiment=NAME --sweep_index=INDEX`, as a job array would.
 """
 
+import os
+import sys
+
 from absl import app, flags
 
 from experiments import registry
@@ -36,8 +39,11 @@ def queue(names, scale: str, rows: str = "all") -> list[tuple[str, int]]:
 
 def main(argv):
   del argv
-  for name, index in queue(FLAGS.experiments or registry.names(), FLAGS.scale, FLAGS.rows):
-    print(name, index)
+  try:
+    for name, index in queue(FLAGS.experiments or registry.names(), FLAGS.scale, FLAGS.rows):
+      print(name, index, flush=True)
+  except BrokenPipeError:  # the reader stopped early (e.g. `| head`): not an error
+    os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 if __name__ == "__main__":
