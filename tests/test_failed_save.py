@@ -86,6 +86,7 @@ def _mount_tmpfs(path, size):
                         capture_output=True).returncode == 0
 
 
+@pytest.mark.slow  # two runs.py runs on a real tmpfs; the tests above cover the logic
 def test_a_full_disk_stops_the_run_and_the_same_command_resumes(tmp_path):
   disk = tmp_path / "disk"
   if not _mount_tmpfs(disk, "8M"):
