@@ -190,11 +190,9 @@ def _set(cfg, arg: str) -> None:
 # --- the parent ---------------------------------------------------------------
 def check_budgets() -> list[str]:
   """Why the time limits do not fit on paper (empty when they do)."""
-  problems = []
-  if sum(LIMITS_S[p] for p in FLAGS.parts) > TOTAL_LIMIT_S:
-    problems.append(f"the parts' limits sum to {sum(LIMITS_S.values())} s, over "
-                    f"{TOTAL_LIMIT_S} s")
-  return problems
+  total = sum(LIMITS_S[p] for p in FLAGS.parts)
+  return [f"the parts' limits sum to {total} s, over {TOTAL_LIMIT_S} s"] if (
+      total > TOTAL_LIMIT_S) else []
 
 
 def device_label() -> str:

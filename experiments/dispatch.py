@@ -41,7 +41,7 @@ def measure_backend(row: dict, cfg, workdir: str, scale: str, settings: dict) ->
 EXPERIMENT = Experiment(
     name="dispatch",
     title="dispatch backends: MoE layer forward+backward time / dense of equal active FLOPs",
-    paper="docs/papers/prior_systems.md §2.1, §3.1 (megablox, MegaBlocks)",
+    paper="docs/papers/prior_work.md §2.1, §3.1 (megablox, MegaBlocks)",
     sweep=sweep,
     scales=("tiny", "small"),
     columns=("time/layer_ms", "time/dense_ms", "time/ratio_to_dense"),

@@ -18,4 +18,4 @@ extensions.register(extensions.Extension(
     name="moe", group="moe", defaults=config.defaults, validate=config.validate,
     resume_free=config.RESUME_FREE,
     sublayers={"moe": Sublayer(build=_build, budget=budget.moe_budget)},
-    notes="docs/papers/prior_systems.md"))
+    notes="docs/papers/prior_work.md"))

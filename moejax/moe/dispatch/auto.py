@@ -9,11 +9,11 @@ measured yet gets the portable `sorted` path, and its entry says so:
   cpu  `sorted`: benchmarks/results/dispatch_cpu.md (sorted vs ragged_dot, one
        run: ragged_dot 5.7x slower at 8 experts, 52x at 64). Pallas kernels on
        CPU run in interpret mode (an emulation for tests), never a candidate.
-  gpu  `sorted`, unmeasured: no GPU was lent while the kernels were written.
-       The expectation (XLA's ragged_dot lowers to padded per-group matrices,
-       ~15% MFU on H100, docs/papers/prior_systems.md §2.3) favours `pallas`, but the Triton
-       compile and its speed are unchecked; run benchmarks/kernels.py there
-       and set the winner here with its results file.
+  gpu  `sorted` until measured. The expectation (XLA's ragged_dot lowers to
+       padded per-group matrices, ~15% MFU on H100, docs/papers/prior_work.md
+       §2.3) favours `pallas`, but its Triton compile and speed are unchecked;
+       scripts/device_check.sh measures them and records the winner in
+       benchmarks/results/auto_backend.json, which replaces this entry.
   tpu  `sorted`, unmeasured, likewise (candidates: `pallas`, `ragged_dot`).
 """
 
@@ -31,8 +31,8 @@ class Choice(NamedTuple):
 
 FASTEST: dict[str, Choice] = {
     "cpu": Choice("sorted", "measured: benchmarks/results/dispatch_cpu.md"),
-    "gpu": Choice("sorted", "unmeasured: no GPU run of benchmarks/kernels.py yet"),
-    "tpu": Choice("sorted", "unmeasured: no TPU run of benchmarks/kernels.py yet"),
+    "gpu": Choice("sorted", "unmeasured: no GPU run of scripts/device_check.sh yet"),
+    "tpu": Choice("sorted", "unmeasured: no TPU run of scripts/device_check.sh yet"),
 }
 FALLBACK = Choice("sorted", "no entry for this platform; the portable pure-JAX path")
 
