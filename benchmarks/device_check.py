@@ -101,7 +101,8 @@ def part_layer_bench(lines: str, dry_run: bool, out_dir: str, device: str) -> No
   backends = "sorted,capacity,ragged_dot" + ("" if dry_run else ",pallas")
   args = (["--backends=sorted,ragged_dot", "--tokens=128", "--d_model=32",
            "--dense_ffn=64", "--cases=8:2", "--repeats=1"] if dry_run
-          else [f"--backends={backends}", "--repeats=3"])
+          else [f"--backends={backends}", "--tokens=4096", "--cases=8:8,64:8,256:8",
+                "--repeats=3"])
   out = os.path.join(out_dir, f"moe_layer_{device}.md")
   _bench(lines, "moe_layer.py", args, out)
   winner = fastest_backend(out[:-3] + ".json")
@@ -110,17 +111,17 @@ def part_layer_bench(lines: str, dry_run: bool, out_dir: str, device: str) -> No
 
 
 def fastest_backend(results_json: str) -> dict | None:
-  """The backend with the least forward+backward time at the largest (E, k) case."""
+  """The backend with the least forward+backward time at the largest (tokens, E, k) case."""
   if not os.path.exists(results_json):
     return None
   with open(results_json) as f:
     rows = json.load(f)["rows"]
   if not rows:
     return None
-  largest = max((r["experts"], r["top_k"]) for r in rows)
-  best = min((r for r in rows if (r["experts"], r["top_k"]) == largest),
-             key=lambda r: r["seconds"])
-  return dict(backend=best["backend"], case=list(largest), seconds=best["seconds"],
+  case = lambda r: (r.get("tokens", 0), r["experts"], r["top_k"])
+  largest = max(case(r) for r in rows)
+  best = min((r for r in rows if case(r) == largest), key=lambda r: r["seconds"])
+  return dict(backend=best["backend"], case=list(largest[1:]), seconds=best["seconds"],
               evidence=os.path.relpath(results_json, _ROOT))
 
 

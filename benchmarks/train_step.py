@@ -14,6 +14,14 @@ and times `--steps` steps after `--warmup` steps (compilation excluded).
   python benchmarks/train_step.py --config=configs/dense.py:tiny \
       --peak_tflops=0.1 --out=benchmarks/results/train_step_cpu.md
 
+With --compare=SPEC,SPEC,... each config is timed against --config in
+interleaved rounds, and the ratios are reported (median and min-max over
+rounds), in tokens/s and in model FLOP/s:
+
+  python benchmarks/train_step.py --config=configs/dense.py:tiny --steps=10 \
+      --compare=configs/moe.py:mixtral_tiny,configs/mohge.py:tiny \
+      --out=benchmarks/results/train_step_cpu_moe_vs_dense.md
+
 Steps are dispatched asynchronously, as in training; the loop blocks on the
 last step's outputs before stopping the clock.
 """
@@ -37,50 +45,110 @@ flags.DEFINE_integer("warmup", 3, "Untimed steps first (compilation).")
 flags.DEFINE_float("peak_tflops", 0.0,
                    "Peak dense TFLOP/s of ONE device for MFU (e.g. 989 for H100 bf16); "
                    "0 skips MFU.")
+flags.DEFINE_list("compare", [],
+                  "Config specs to time against --config, interleaved (e.g. "
+                  "configs/moe.py:mixtral_tiny); reports ratios instead of one config's numbers.")
+flags.DEFINE_integer("rounds", 5, "With --compare: interleaved rounds of --steps steps each.")
 flags.DEFINE_string("out", "", "Write the results here (.md, with a .json beside it).")
 FLAGS = flags.FLAGS
 
 
+class Stepper:
+  """A config's trainer step, state and data iterator, ready to time.
+
+  `run(n)` dispatches n steps asynchronously, as training does, blocks on the
+  last, and returns (seconds, seconds spent waiting for input)."""
+
+  def __init__(self, cfg, warmup: int):
+    import jax
+
+    from moejax import budget as budget_lib
+    from moejax import config as config_lib
+    from moejax import data as data_lib
+    from moejax import sharding
+    from moejax.optim import make_optimizer
+    from moejax.train import StateSpec, make_train_step, model_inputs, to_global_batch
+
+    config_lib.validate(cfg, num_devices=jax.device_count(),
+                        num_processes=jax.process_count())
+    data = data_lib.RunData.prepare(cfg.data)
+    vocab = data.tokenizer.vocab_size
+    inputs = model_inputs(cfg, data, vocab)  # e.g. L3's rows per token id
+    self.cfg, self.mesh = cfg, sharding.make_mesh(cfg.mesh)
+    self._to_global = to_global_batch
+    self._rules = cfg.sharding.rules
+    self.it = data.train_iterator(
+        seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch, seed=cfg.seed,
+        rows=sharding.process_batch_rows(self.mesh, cfg.train.global_batch))
+    with sharding.use_mesh(self.mesh, self._rules):
+      spec = StateSpec(cfg, vocab, self.mesh, make_optimizer(cfg.train), inputs=inputs)
+      self.state = spec.init()
+      self.step_fn = make_train_step(spec, cfg)
+    budget = budget_lib.model_budget(cfg, vocab)
+    self.flops_per_token, self.params = budget["train_flops_per_token"], budget["params"]
+    self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
+    self.run(warmup)
+
+  def run(self, steps: int) -> tuple[float, float]:
+    import jax
+
+    from moejax import sharding
+    wait, metrics = 0.0, None
+    with sharding.use_mesh(self.mesh, self._rules):
+      start = time.perf_counter()
+      for _ in range(steps):
+        t0 = time.perf_counter()
+        batch = self._to_global(next(self.it), self.mesh, self.cfg.train.global_batch)
+        wait += time.perf_counter() - t0
+        self.state, metrics = self.step_fn(self.state, batch)
+      jax.block_until_ready((self.state["step"], metrics))
+      return time.perf_counter() - start, wait
+
+
 def measure(cfg, steps: int, warmup: int) -> dict:
-  import jax
-
-  from moejax import budget as budget_lib
-  from moejax import config as config_lib
-  from moejax import data as data_lib
-  from moejax import sharding
-  from moejax.optim import make_optimizer
-  from moejax.train import StateSpec, make_train_step, to_global_batch
-
-  config_lib.validate(cfg, num_devices=jax.device_count(),
-                      num_processes=jax.process_count())
-  data_lib.prepare(cfg.data)
-  vocab = data_lib.load_tokenizer(cfg.data).vocab_size
-  mesh = sharding.make_mesh(cfg.mesh)
-  it = data_lib.make_train_iterator(
-      cfg.data, seq_len=cfg.data.seq_len, global_batch=cfg.train.global_batch,
-      seed=cfg.seed, rows=sharding.process_batch_rows(mesh, cfg.train.global_batch))
-  with sharding.use_mesh(mesh, cfg.sharding.rules):
-    spec = StateSpec(cfg, vocab, mesh, make_optimizer(cfg.train))
-    state = spec.init()
-    step_fn = make_train_step(spec, cfg)
-    for _ in range(warmup):
-      state, metrics = step_fn(state, to_global_batch(next(it), mesh, cfg.train.global_batch))
-    jax.block_until_ready(metrics)
-    wait = 0.0
-    start = time.perf_counter()
-    for _ in range(steps):
-      t0 = time.perf_counter()
-      batch = to_global_batch(next(it), mesh, cfg.train.global_batch)
-      wait += time.perf_counter() - t0
-      state, metrics = step_fn(state, batch)
-    jax.block_until_ready((state["step"], metrics))
-    elapsed = time.perf_counter() - start
-  tokens = steps * cfg.train.global_batch * cfg.data.seq_len
-  b = budget_lib.model_budget(cfg, vocab)
+  stepper = Stepper(cfg, warmup)
+  elapsed, wait = stepper.run(steps)
+  tokens = steps * stepper.tokens_per_step
   return dict(tokens_per_s=tokens / elapsed, step_time_s=elapsed / steps,
               input_wait_share=wait / elapsed,
-              train_flops_per_token=b["train_flops_per_token"], params=b["params"],
-              achieved_tflops=b["train_flops_per_token"] * tokens / elapsed / 1e12)
+              train_flops_per_token=stepper.flops_per_token, params=stepper.params,
+              achieved_tflops=stepper.flops_per_token * tokens / elapsed / 1e12)
+
+
+def compare(reference_cfg, specs: list[str], steps: int, warmup: int, rounds: int) -> dict:
+  """Each config against the reference, interleaved: every round runs `steps`
+  steps of the reference, then of the config, for each config in turn. A round's
+  ratio is config/reference, in tokens/s and in model FLOP/s (tokens/s times
+  train FLOPs per token: the ratio that compares configs of unequal FLOPs)."""
+  import numpy as np
+
+  from moejax.config.files import load_config
+  ref = Stepper(reference_cfg, warmup)
+  others = {spec: Stepper(load_config(spec), warmup) for spec in specs}
+  per = {spec: dict(tokens=[], flops=[]) for spec in specs}
+  ref_times = []
+  for _ in range(rounds):
+    for spec, stepper in others.items():
+      t_ref, _ = ref.run(steps)
+      t, _ = stepper.run(steps)
+      ref_times.append(t_ref)
+      tok = (stepper.tokens_per_step / t) / (ref.tokens_per_step / t_ref)
+      per[spec]["tokens"].append(tok)
+      per[spec]["flops"].append(tok * stepper.flops_per_token / ref.flops_per_token)
+    print(f"round done: " + ", ".join(f"{s.split(':')[-1]} {per[s]['flops'][-1]:.2f}"
+                                      for s in specs), flush=True)
+  ref_tps = ref.tokens_per_step * steps / float(np.median(ref_times))
+  rows = []
+  for spec, stepper in others.items():
+    row = dict(config=spec, flops_per_token=stepper.flops_per_token, params=stepper.params)
+    for key in ("tokens", "flops"):
+      v = per[spec][key]
+      row.update({f"{key}_ratio": float(np.median(v)), f"{key}_ratio_min": float(min(v)),
+                  f"{key}_ratio_max": float(max(v))})
+    rows.append(row)
+  return dict(reference=reference_cfg.name, reference_tokens_per_s=ref_tps,
+              reference_flops_per_token=ref.flops_per_token, rounds=rounds,
+              steps_per_round=steps, rows=rows)
 
 
 def matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
@@ -105,9 +173,43 @@ def matmul_tflops(dtype: str, size: int = 2048, repeats: int = 10) -> float:
 cpu_model = common.cpu_model  # kept importable from here
 
 
+# The goal for --compare: every MoE-family preset's model FLOP/s at least this
+# fraction of dense_tiny's (equal-FLOP throughput).
+COMPARE_GOAL = 0.9
+
+
+def main_compare() -> None:
+  r = compare(FLAGS.config, FLAGS.compare, FLAGS.steps, FLAGS.warmup, FLAGS.rounds)
+  r.update(common.environment("devices", "platform", "cpu", "cores", "jax", "flax", "python",
+                              "date", "command"))
+  lines = [
+      f"# train_step: MoE-family presets vs {r['reference']} (interleaved)", "",
+      *common.header_lines(r),
+      f"- {r['rounds']} rounds; in each, {r['steps_per_round']} steps of {r['reference']} "
+      f"then {r['steps_per_round']} of the preset, for each preset in turn",
+      f"- {r['reference']}: {r['reference_tokens_per_s']:,.0f} tokens/s (median round), "
+      f"{r['reference_flops_per_token']:,} train FLOPs/token",
+      "- x tokens/s: the preset's tokens/s over the reference's in the same round; "
+      "x FLOP/s: the same times FLOPs/token over the reference's (equal-FLOP "
+      f"throughput; goal >= {COMPARE_GOAL}); median over rounds (min-max)", "",
+      "| preset | params | train FLOPs/token | x tokens/s | x FLOP/s | goal |",
+      "|---|---|---|---|---|---|"]
+  for q in r["rows"]:
+    ok = "meets" if q["flops_ratio"] >= COMPARE_GOAL else "misses"
+    lines.append(
+        f"| {q['config']} | {q['params']:,} | {q['flops_per_token']:,} | "
+        f"{q['tokens_ratio']:.2f} ({q['tokens_ratio_min']:.2f}-{q['tokens_ratio_max']:.2f}) | "
+        f"{q['flops_ratio']:.2f} ({q['flops_ratio_min']:.2f}-{q['flops_ratio_max']:.2f}) | "
+        f"{ok} |")
+  common.write_results(FLAGS.out, "\n".join(lines) + "\n", r, sort_keys=True)
+
+
 def main(argv):
   del argv
   import jax
+  if FLAGS.compare:
+    main_compare()
+    return
   cfg = FLAGS.config
   r = measure(cfg, FLAGS.steps, FLAGS.warmup)
   n = jax.device_count()

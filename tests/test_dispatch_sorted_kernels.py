@@ -170,6 +170,45 @@ def test_block_swiglu_leaves_unused_blocks_zero():
                                h @ np.asarray(wd[e], np.float64), rtol=2e-4, atol=2e-5)
 
 
+@pytest.mark.parametrize("block_expert,num_blocks", [
+    ([1, 1, 2, 3, 3], 5),   # experts 0 and 4 own no block; every block is in use
+    ([4, 4, 4, 0, 0], 3),   # only the last expert has rows; two unused blocks
+    ([0, 2, 2, 2, 2], 5),   # an empty expert between two others
+])
+def test_block_swiglu_gradients_with_empty_experts(block_expert, num_blocks):
+  """Values and all gradients against a per-row formulation, where an empty
+  expert's first block is another expert's (or past the used blocks)."""
+  block, num_experts = 4, 5
+  rng = np.random.default_rng(3)
+  rows = len(block_expert) * block
+  x = _normal(rng, (rows, 8))
+  wg, wu = (_normal(rng, (num_experts, 8, 6), 8 ** -0.5) for _ in range(2))
+  wd = _normal(rng, (num_experts, 6, 8), 6 ** -0.5)
+  cot = _normal(rng, (rows, 8))
+  row_expert = np.repeat(np.asarray(block_expert), block)
+  live = jnp.asarray(np.arange(rows) < num_blocks * block)[:, None]
+
+  def per_row(x, wg, wu, wd):
+    e = jnp.asarray(row_expert)
+    a = jnp.einsum("rd,rdf->rf", x, wg[e])
+    u = jnp.einsum("rd,rdf->rf", x, wu[e])
+    return jnp.where(live, jnp.einsum("rf,rfd->rd", jax.nn.silu(a) * u, wd[e]), 0.0)
+
+  def blocked(x, wg, wu, wd):
+    return block_swiglu(x, wg, wu, wd, jnp.asarray(block_expert, jnp.int32),
+                        jnp.int32(num_blocks), block)
+
+  def loss(fn):
+    return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2, 3)))
+
+  (ref_value, ref_grads), (value, grads) = (loss(f)(x, wg, wu, wd) for f in (per_row, blocked))
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+  for g, r in zip(grads, ref_grads):
+    np.testing.assert_allclose(np.asarray(g), np.asarray(r), rtol=1e-4, atol=1e-5)
+  for e in set(range(num_experts)) - set(block_expert[:num_blocks]):
+    assert not np.any(np.asarray(grads[1][e])) and not np.any(np.asarray(grads[3][e]))
+
+
 @pytest.mark.parametrize("block_size", [1, 4, 8])
 def test_block_layout_invariants(block_size):
   num_experts, k = 6, 3

@@ -2,6 +2,11 @@
 
   y = (SiLU(x W_gate) * (x W_up)) W_down
 
+The matmuls run on tokens flattened to [B*S, d]. With the [B, S, d] input left
+as it is, XLA:CPU writes the SiLU backward a second time in a transposed layout
+for the weight-gradient dots, and the layer ran at about 55% of a large
+matmul's rate instead of about 90% (benchmarks/results/moe_layer_cpu.md).
+
 Speaks the sublayer interface `y, aux = ffn(x, token_ids=, loop_index=, step=, train=)`;
 a dense layer has no auxiliary losses or metrics, so aux is empty.
 """
@@ -30,10 +35,12 @@ class SwiGLU(nnx.Module):
   def __call__(self, x, *, token_ids=None, loop_index=None, step=None, train=False):
     del token_ids, loop_index, step, train  # part of the interface; unused by a dense FFN
     dt = self.dtype
-    x = x.astype(dt)
+    lead = x.shape[:-1]
+    x = x.astype(dt).reshape(-1, x.shape[-1])
     h = jax.nn.silu(x @ self.w_gate[...].astype(dt)) * (x @ self.w_up[...].astype(dt))
-    h = constrain(h, ("batch", "seq", "mlp"))
-    return h @ self.w_down[...].astype(dt), {}
+    h = constrain(h, ("batch", "mlp"))
+    y = h @ self.w_down[...].astype(dt)
+    return y.reshape(*lead, y.shape[-1]), {}
 
 
 def swiglu(cfg, width: int, rngs: nnx.Rngs) -> SwiGLU:
