@@ -10,6 +10,12 @@ smallest and largest round ratio; the matmul rate of the same rounds says how
 close the dense reference runs to this machine's peak. Peak memory is XLA's own
 plan for the compiled forward+backward (arguments + outputs + temporaries).
 
+The "weight floor" column times one pass that reads every expert weight and
+writes a gradient-sized array (w -> 2w for the three [E, d, F/k] matrices), in
+the same rounds: a forward+backward cannot do less memory traffic than that, so
+where the floor alone exceeds a goal, the goal is out of reach of any dispatch
+on this machine.
+
   python benchmarks/moe_layer.py --out=benchmarks/results/moe_layer_cpu.md
 
 Goals (CPU, default backend `sorted`): at most 1.0x dense at every E up to 256
@@ -96,6 +102,12 @@ def measure(tokens: int) -> dict:
   matmul()
   variants = [(bk, *(int(v) for v in case.split(":")))
               for case in FLAGS.cases for bk in FLAGS.backends]
+  floors = {}
+  for e, k in sorted({(v[1], v[2]) for v in variants}):
+    f = FLAGS.dense_ffn // k
+    ws = [jax.numpy.ones((e, FLAGS.d_model, f)) for _ in range(3)]
+    floors[(e, k)] = _timer(jax.jit(lambda ws: [w * 2 for w in ws]), ws)
+    floors[(e, k)]()
   timers, memory, once = {}, {}, set()
   for v in [("dense", 0, 0)] + variants:
     step, params = _layer_fns(*v)
@@ -109,6 +121,7 @@ def measure(tokens: int) -> dict:
   dense_t, mm_t = [], []
   ratios = {v: [] for v in variants}
   seconds = {v: [] for v in variants}
+  floor_ratios = {c: [] for c in floors}
   for _ in range(FLAGS.repeats):
     mm_t.append(matmul())
     for v in variants:
@@ -119,6 +132,8 @@ def measure(tokens: int) -> dict:
       dense_t.append(ref)
       seconds[v].append(t)
       ratios[v].append(t / ref)
+    for c, floor in floors.items():
+      floor_ratios[c].append(floor() / dense_t[-1])
   dense_s, mm_s = float(np.median(dense_t)), float(np.median(mm_t))
   dense_flops = 18 * tokens * FLAGS.d_model * FLAGS.dense_ffn  # 3 matmuls, fwd + 2x bwd
   matmul_rate, dense_rate = 2 * n**3 / mm_s, dense_flops / dense_s
@@ -130,6 +145,7 @@ def measure(tokens: int) -> dict:
                      expert_ffn=FLAGS.dense_ffn // k, seconds=float(np.median(seconds[v])),
                      ratio_vs_dense=float(np.median(r)), ratio_min=float(min(r)),
                      ratio_max=float(max(r)), rounds=len(r),
+                     weight_floor_vs_dense=float(np.median(floor_ratios[(e, k)])),
                      peak_mib=None if memory[v] is None else memory[v] / 2**20,
                      timed_once=v in once))
   return dict(tokens=tokens, dense_seconds=dense_s, dense_gflops=dense_rate / 1e9,
@@ -166,8 +182,9 @@ def render(r: dict) -> str:
         f"= {p['dense_over_matmul']:.0%} of the {p['matmul_gflops']:.1f} GFLOP/s of a "
         f"{FLAGS.matmul_size}^3 matmul in the same rounds ({_verdict(p['dense_over_matmul'] >= DENSE_GOAL)}"
         f" the {DENSE_GOAL:.0%} goal); peak {p['dense_peak_mib']:.0f} MiB", "",
-        "| backend | E | k | expert width | ms | x dense (min-max) | goal | peak MiB |",
-        "|---|---|---|---|---|---|---|---|"]
+        "| backend | E | k | expert width | ms | x dense (min-max) | goal | weight floor, x dense "
+        "| peak MiB |",
+        "|---|---|---|---|---|---|---|---|---|"]
     for q in p["rows"]:
       note = " (timed once)" if q["timed_once"] else ""
       mark = ("-" if goal is None or q["backend"] != "sorted"
@@ -175,7 +192,8 @@ def render(r: dict) -> str:
       peak = "-" if q["peak_mib"] is None else f"{q['peak_mib']:.0f}"
       lines.append(f"| {q['backend']} | {q['experts']} | {q['top_k']} | {q['expert_ffn']} | "
                    f"{q['seconds'] * 1e3:.1f}{note} | {q['ratio_vs_dense']:.2f} "
-                   f"({q['ratio_min']:.2f}-{q['ratio_max']:.2f}) | {mark} | {peak} |")
+                   f"({q['ratio_min']:.2f}-{q['ratio_max']:.2f}) | {mark} | "
+                   f"{q['weight_floor_vs_dense']:.2f} | {peak} |")
     lines.append("")
   return "\n".join(lines)
 
