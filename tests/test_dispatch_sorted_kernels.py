@@ -313,9 +313,9 @@ def test_grouped_layout_equals_one_call_per_group_and_recompute_equals_stored(mo
     results[name] = jax.value_and_grad(lambda x, s, f=fn: jnp.sum(f(x, s) * proj),
                                        argnums=(0, 1))(x, stacks)
   # The grouped path recomputes pre-activations; force the storing backward too.
-  real = sorted_blocks.block_swiglu_ranges
+  real = sorted_blocks.block_swiglu_groups
   asked = []  # what the grouped path asked for, before the override
-  monkeypatch.setattr(sorted_blocks, "block_swiglu_ranges",
+  monkeypatch.setattr(sorted_blocks, "block_swiglu_groups",
                       lambda *a, recompute=False: asked.append(recompute)
                       or real(*a, recompute=False))
   results["stored"] = jax.value_and_grad(lambda x, s: jnp.sum(grouped(x, s) * proj),

@@ -105,31 +105,53 @@ def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
 def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
                         recompute: bool = False):
   """As block_swiglu, with expert e's blocks given as [first[e], first[e] + count[e]).
+  Rows of blocks no expert here owns are 0 in the output (and in dx)."""
+  return block_swiglu_groups(x, [(w_gate, w_up, w_down)], first, count, block_size,
+                             recompute=recompute)
 
-  Rows of blocks no expert here owns are 0 in the output (and in dx), so experts
-  of different widths can share one sorted layout: each group of equal-width
-  experts takes its slice of the ranges, and the outputs add up. Such a call
-  would keep pre-activations for every row, most of them another group's;
-  recompute=True keeps none and redoes x W_gate, x W_up in the backward pass."""
+
+def block_swiglu_groups(x, groups, first, count, block_size, recompute: bool = True):
+  """Experts of several widths sharing one sorted layout (MoHGE).
+
+  groups: [(w_gate [n_g, d, f_g], w_up, w_down [n_g, f_g, d]), ...], expert ids
+  running group after group, so first/count ([sum n_g]) give each group's
+  experts their block ranges. One custom VJP covers every group: the output
+  rows (forward) and dx (backward) are threaded through the groups' expert
+  scans, so each is zero-filled once, not once per group and then summed.
+  Keeping pre-activations would take a [rows, f_g] buffer per group, each
+  spanning all rows; recompute=True keeps none and redoes x W_gate, x W_up in
+  the backward pass."""
   # Under shard_map, give rows and weights one varying-axes type before the
   # custom VJP, whose cotangents must match its inputs' types; the psums this
   # implies (over tensor for dx, over batch axes for dW) are then inserted by
   # JAX when it transposes these additions.
-  zero = varying_zeros((), x.dtype, x, w_gate, w_up, w_down)
-  x, w_gate, w_up, w_down = (a + zero.astype(a.dtype) for a in (x, w_gate, w_up, w_down))
-  return _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size, recompute)
+  weights = [w for g in groups for w in g]
+  zero = varying_zeros((), x.dtype, x, *weights)
+  x = x + zero.astype(x.dtype)
+  groups = tuple(tuple(w + zero.astype(w.dtype) for w in g) for g in groups)
+  return _block_swiglu(x, groups, first, count, block_size, recompute)
 
 
-@partial(jax.custom_vjp, nondiff_argnums=(6, 7))
-def _block_swiglu(x, w_gate, w_up, w_down, first, count, block_size, recompute):
+@partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def _block_swiglu(x, groups, first, count, block_size, recompute):
   del recompute
-  return _forward(x, w_gate, w_up, w_down, first, count, block_size, store=False)[0]
+  return _forward(x, groups, first, count, block_size, store=False)[0]
 
 
-def _forward(x, w_gate, w_up, w_down, first, count, block_size, store):
-  """y, and (if store) the pre-activations a = x W_gate and u = x W_up of every row."""
+def _group_slices(groups, first, count):
+  """(w_gate, w_up, w_down, first, count) of each group's experts."""
+  offset = 0
+  for wg, wu, wd in groups:
+    n = wg.shape[0]
+    yield wg, wu, wd, first[offset:offset + n], count[offset:offset + n]
+    offset += n
+
+
+def _forward(x, groups, first, count, block_size, store):
+  """y, and (if store) each group's pre-activations a = x W_gate, u = x W_up of every row."""
   dt = x.dtype
-  rows, f = x.shape[0], w_gate.shape[-1]
+  rows = x.shape[0]
+  like = (x, *(w for g in groups for w in g))
 
   def expert(carry, xs):
     wg, wu, wd, start, n = xs
@@ -146,18 +168,18 @@ def _forward(x, w_gate, w_up, w_down, first, count, block_size, store):
 
     return _visit_tiles(start, n, block_size, rows // block_size, tile, carry), None
 
-  pre_rows = rows if store else 0
-  like = (x, w_gate, w_up, w_down)
-  init = (varying_zeros(x.shape, dt, *like), varying_zeros((pre_rows, f), dt, *like),
-          varying_zeros((pre_rows, f), dt, *like))
-  out, _ = jax.lax.scan(expert, init, (w_gate, w_up, w_down, first, count))
-  return out
+  y, pre = varying_zeros(x.shape, dt, *like), []
+  for wg, wu, wd, start, n in _group_slices(groups, first, count):
+    pre_shape = (rows if store else 0, wg.shape[-1])
+    init = (y, varying_zeros(pre_shape, dt, *like), varying_zeros(pre_shape, dt, *like))
+    (y, a_rows, u_rows), _ = jax.lax.scan(expert, init, (wg, wu, wd, start, n))
+    pre.append((a_rows, u_rows))
+  return y, tuple(pre)
 
 
-def _fwd(x, w_gate, w_up, w_down, first, count, block_size, recompute):
-  y, a_rows, u_rows = _forward(x, w_gate, w_up, w_down, first, count, block_size,
-                               store=not recompute)
-  return y, (x, a_rows, u_rows, w_gate, w_up, w_down, first, count)
+def _fwd(x, groups, first, count, block_size, recompute):
+  y, pre = _forward(x, groups, first, count, block_size, store=not recompute)
+  return y, (x, pre, groups, first, count)
 
 
 def _bwd(block_size, recompute, res, dy):
@@ -166,38 +188,45 @@ def _bwd(block_size, recompute, res, dy):
       dx = da W_gate^T + du W_up^T
       dW_down += h^T dy,  dW_gate += x^T da,  dW_up += x^T du
   Weight gradients are summed in float32 (or wider) over an expert's blocks."""
-  x, a_rows, u_rows, w_gate, w_up, w_down, first, count = res
+  x, pre, groups, first, count = res
   dt = x.dtype
-  acc = jnp.promote_types(w_gate.dtype, jnp.float32)
-  outer = partial(jnp.matmul, preferred_element_type=acc)
+  like = (x, dy, *(w for g in groups for w in g))
 
-  def expert(dx, xs):
-    wg, wu, wd, start, n = xs
-    wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
+  def expert_grads(a_rows, u_rows, acc):
+    outer = partial(jnp.matmul, preferred_element_type=acc)
 
-    def tile(row, size, carry):
-      dx, dwg, dwu, dwd = carry
-      xb, dyb = _rows(x, row, size), _rows(dy, row, size).astype(dt)
-      if recompute:
-        a, u = xb @ wg, xb @ wu
-      else:
-        a, u = _rows(a_rows, row, size), _rows(u_rows, row, size)
-      sa = jax.nn.silu(a)
-      dh = dyb @ wd.T
-      da, du = dh * u * _silu_grad(a), dh * sa
-      dwd = dwd + outer((sa * u).T, dyb)
-      dwg = dwg + outer(xb.T, da)
-      dwu = dwu + outer(xb.T, du)
-      return _put(dx, da @ wg.T + du @ wu.T, row), dwg, dwu, dwd
+    def expert(dx, xs):
+      wg, wu, wd, start, n = xs
+      wg, wu, wd = wg.astype(dt), wu.astype(dt), wd.astype(dt)
 
-    zeros = lambda w: varying_zeros(w.shape, acc, x, dy, w_gate, w_up, w_down)
-    dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size, tile,
-                                     (dx, zeros(wg), zeros(wu), zeros(wd)))
-    return dx, (dwg.astype(w_gate.dtype), dwu.astype(w_up.dtype), dwd.astype(w_down.dtype))
+      def tile(row, size, carry):
+        dx, dwg, dwu, dwd = carry
+        xb, dyb = _rows(x, row, size), _rows(dy, row, size).astype(dt)
+        if recompute:
+          a, u = xb @ wg, xb @ wu
+        else:
+          a, u = _rows(a_rows, row, size), _rows(u_rows, row, size)
+        sa = jax.nn.silu(a)
+        dh = dyb @ wd.T
+        da, du = dh * u * _silu_grad(a), dh * sa
+        dwd = dwd + outer((sa * u).T, dyb)
+        dwg = dwg + outer(xb.T, da)
+        dwu = dwu + outer(xb.T, du)
+        return _put(dx, da @ wg.T + du @ wu.T, row), dwg, dwu, dwd
 
-  dx, (dwg, dwu, dwd) = jax.lax.scan(expert, varying_zeros(x.shape, dt, x, dy, w_gate, w_up, w_down),
-                                     (w_gate, w_up, w_down, first, count))
-  return dx, dwg, dwu, dwd, None, None
+      zeros = lambda w: varying_zeros(w.shape, acc, *like)
+      dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size, tile,
+                                       (dx, zeros(wg), zeros(wu), zeros(wd)))
+      return dx, (dwg, dwu, dwd)
+    return expert
+
+  dx, dgroups = varying_zeros(x.shape, dt, *like), []
+  for (wg, wu, wd, start, n), (a_rows, u_rows) in zip(_group_slices(groups, first, count), pre):
+    acc = jnp.promote_types(wg.dtype, jnp.float32)
+    dx, (dwg, dwu, dwd) = jax.lax.scan(expert_grads(a_rows, u_rows, acc), dx,
+                                       (wg, wu, wd, start, n))
+    dgroups.append((dwg.astype(wg.dtype), dwu.astype(wu.dtype), dwd.astype(wd.dtype)))
+  return dx, tuple(dgroups), None, None
 
 
 _block_swiglu.defvjp(_fwd, _bwd)

@@ -11,7 +11,7 @@ Pallas kernels.
 
 import jax.numpy as jnp
 
-from moejax.moe.dispatch.block_swiglu import block_swiglu_ranges, expert_block_ranges
+from moejax.moe.dispatch.block_swiglu import block_swiglu_groups, expert_block_ranges
 from pallas_kernels.row_gather import dispatch_rows, gather_pairs
 from pallas_kernels.expert_layout import block_layout
 
@@ -43,23 +43,18 @@ def expert_rows_sorted_groups(x, expert_idx, combine_weights, groups, *, block_s
   groups: [(w_gate [n_g, d, f_g], w_up, w_down [n_g, f_g, d]), ...]; expert ids
   run group after group (group g holds ids [sum_{h<g} n_h, ... + n_g)). One sort,
   one token gather and one combine for all groups; each group's block loop visits
-  only its own experts' blocks, so compute follows the widths chosen. With
-  several groups the backward recomputes the pre-activations rather than keep
-  [rows, W_g] buffers for every group (memory that would grow with the sum of
-  the widths, since each group's buffers span all rows)."""
+  only its own experts' blocks, so compute follows the widths chosen, and one
+  output buffer serves every group (block_swiglu_groups). With several groups
+  the backward recomputes the pre-activations rather than keep [rows, W_g]
+  buffers for every group (memory that would grow with the sum of the widths,
+  since each group's buffers span all rows)."""
   num_tokens, k = expert_idx.shape
   num_experts = sum(g[0].shape[0] for g in groups)
   block = block_size or auto_block_size(num_tokens * k, num_experts)
   lay = block_layout(expert_idx, num_experts, block)
   rows = dispatch_rows(x, lay.row_pair, lay.pair_row, k)
   first, count = expert_block_ranges(lay.block_expert, lay.num_blocks, num_experts)
-  out_rows, offset = None, 0
-  for w_gate, w_up, w_down in groups:
-    n = w_gate.shape[0]
-    part = block_swiglu_ranges(rows, w_gate, w_up, w_down, first[offset:offset + n],
-                               count[offset:offset + n], block, recompute=len(groups) > 1)
-    out_rows = part if out_rows is None else out_rows + part
-    offset += n
+  out_rows = block_swiglu_groups(rows, groups, first, count, block, recompute=len(groups) > 1)
   out = gather_pairs(out_rows, lay.pair_row, lay.row_pair).reshape(num_tokens, k, -1)
   y = jnp.einsum("tk,tkd->td", combine_weights.astype(jnp.float32), out,
                  preferred_element_type=jnp.float32)
