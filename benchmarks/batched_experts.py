@@ -13,7 +13,6 @@ capacity-shaped backend cannot beat it on the platform.
 
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -45,7 +44,6 @@ def _swiglu_loss(params, x):
 
 def measure(tokens: int) -> list[dict]:
   import jax
-  import numpy as np
   d, big, k = FLAGS.d_model, FLAGS.dense_ffn, FLAGS.top_k
   step = jax.jit(jax.value_and_grad(_swiglu_loss, argnums=(0, 1)))
   keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -62,19 +60,13 @@ def measure(tokens: int) -> list[dict]:
   for args in [dense, *variants.values()]:
     jax.block_until_ready(step(*args))
 
-  def timed(args):
-    t0 = time.perf_counter()
-    jax.block_until_ready(step(*args))
-    return time.perf_counter() - t0
-
   ratios = {e: [] for e in variants}
   for _ in range(FLAGS.repeats):
     for e, args in variants.items():
-      ref = timed(dense)
-      ratios[e].append(timed(args) / ref)
+      ref = common.time_once(step, dense)
+      ratios[e].append(common.time_once(step, args) / ref)
   return [dict(tokens=tokens, experts=e, capacity=tokens * k // e,
-               ratio_vs_dense=float(np.median(r)), ratio_min=float(min(r)),
-               ratio_max=float(max(r))) for e, r in ratios.items()]
+               **common.median_range(r, "ratio_vs_dense")) for e, r in ratios.items()]
 
 
 def main(argv):
@@ -89,7 +81,7 @@ def main(argv):
            f"C = T k / E rows each; forward+backward; {FLAGS.repeats} interleaved rounds", "",
            "| tokens | E | C | x dense (min-max) |", "|---|---|---|---|"]
   lines += [f"| {r['tokens']:,} | {r['experts']} | {r['capacity']} | {r['ratio_vs_dense']:.2f} "
-            f"({r['ratio_min']:.2f}-{r['ratio_max']:.2f}) |" for r in rows]
+            f"({r['ratio_vs_dense_min']:.2f}-{r['ratio_vs_dense_max']:.2f}) |" for r in rows]
   common.write_results(FLAGS.out, "\n".join(lines) + "\n", res)
 
 

@@ -102,6 +102,13 @@ def memory_bytes(compiled) -> dict:
   return out
 
 
+def median_range(values, name: str) -> dict:
+  """{name: median, name_min: smallest, name_max: largest} of per-round values."""
+  import numpy as np  # pylint: disable=import-outside-toplevel
+  return {name: float(np.median(values)), f"{name}_min": float(min(values)),
+          f"{name}_max": float(max(values))}
+
+
 def ms(seconds) -> str:
   """Seconds as milliseconds for a table cell; '-' for None."""
   return "-" if seconds is None else f"{seconds * 1e3:.2f}"

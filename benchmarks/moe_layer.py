@@ -23,9 +23,9 @@ with 4,096 tokens and at most 1.5x with 512 tokens; the dense reference at 70%
 or more of the matmul rate.
 """
 
+import functools
 import os
 import sys
-import time
 
 from absl import app, flags
 
@@ -80,13 +80,8 @@ def _layer_fns(backend, num_experts, top_k):
 
 
 def _timer(fn, *args):
-  import jax
-
-  def once() -> float:
-    t0 = time.perf_counter()
-    jax.block_until_ready(fn(*args))
-    return time.perf_counter() - t0
-  return once
+  """A no-argument function timing one call of fn(*args)."""
+  return functools.partial(common.time_once, fn, args)
 
 
 def measure(tokens: int) -> dict:
@@ -140,22 +135,26 @@ def measure(tokens: int) -> dict:
   rows = []
   for v in variants:
     backend, e, k = v
-    r = ratios[v]
     rows.append(dict(tokens=tokens, backend=backend, experts=e, top_k=k,
                      expert_ffn=FLAGS.dense_ffn // k, seconds=float(np.median(seconds[v])),
-                     ratio_vs_dense=float(np.median(r)), ratio_min=float(min(r)),
-                     ratio_max=float(max(r)), rounds=len(r),
+                     **common.median_range(ratios[v], "ratio_vs_dense"),
+                     rounds=len(ratios[v]),
                      weight_floor_vs_dense=float(np.median(floor_ratios[(e, k)])),
                      peak_mib=None if memory[v] is None else memory[v] / 2**20,
                      timed_once=v in once))
+  dense_peak = memory[("dense", 0, 0)]
   return dict(tokens=tokens, dense_seconds=dense_s, dense_gflops=dense_rate / 1e9,
               matmul_gflops=matmul_rate / 1e9, dense_over_matmul=dense_rate / matmul_rate,
-              dense_peak_mib=memory[("dense", 0, 0)] / 2**20, rows=rows)
+              dense_peak_mib=None if dense_peak is None else dense_peak / 2**20, rows=rows)
 
 
 def run() -> dict:
   per_tokens = [measure(int(t)) for t in FLAGS.tokens]
   return dict(per_tokens=per_tokens, rows=[r for p in per_tokens for r in p["rows"]])
+
+
+def _mib(value) -> str:
+  return "-" if value is None else f"{value:.0f}"
 
 
 def _verdict(ok: bool) -> str:
@@ -181,7 +180,7 @@ def render(r: dict) -> str:
         f"- dense SwiGLU: {p['dense_seconds'] * 1e3:.1f} ms, {p['dense_gflops']:.1f} GFLOP/s "
         f"= {p['dense_over_matmul']:.0%} of the {p['matmul_gflops']:.1f} GFLOP/s of a "
         f"{FLAGS.matmul_size}^3 matmul in the same rounds ({_verdict(p['dense_over_matmul'] >= DENSE_GOAL)}"
-        f" the {DENSE_GOAL:.0%} goal); peak {p['dense_peak_mib']:.0f} MiB", "",
+        f" the {DENSE_GOAL:.0%} goal); peak {_mib(p['dense_peak_mib'])} MiB", "",
         "| backend | E | k | expert width | ms | x dense (min-max) | goal | weight floor, x dense "
         "| peak MiB |",
         "|---|---|---|---|---|---|---|---|---|"]
@@ -189,11 +188,10 @@ def render(r: dict) -> str:
       note = " (timed once)" if q["timed_once"] else ""
       mark = ("-" if goal is None or q["backend"] != "sorted"
               else f"{_verdict(q['ratio_vs_dense'] <= goal)} <= {goal}")
-      peak = "-" if q["peak_mib"] is None else f"{q['peak_mib']:.0f}"
       lines.append(f"| {q['backend']} | {q['experts']} | {q['top_k']} | {q['expert_ffn']} | "
                    f"{q['seconds'] * 1e3:.1f}{note} | {q['ratio_vs_dense']:.2f} "
-                   f"({q['ratio_min']:.2f}-{q['ratio_max']:.2f}) | {mark} | "
-                   f"{q['weight_floor_vs_dense']:.2f} | {peak} |")
+                   f"({q['ratio_vs_dense_min']:.2f}-{q['ratio_vs_dense_max']:.2f}) | {mark} | "
+                   f"{q['weight_floor_vs_dense']:.2f} | {_mib(q['peak_mib'])} |")
     lines.append("")
   return "\n".join(lines)
 

@@ -135,16 +135,14 @@ def compare(reference_cfg, specs: list[str], steps: int, warmup: int, rounds: in
       tok = (stepper.tokens_per_step / t) / (ref.tokens_per_step / t_ref)
       per[spec]["tokens"].append(tok)
       per[spec]["flops"].append(tok * stepper.flops_per_token / ref.flops_per_token)
-    print(f"round done: " + ", ".join(f"{s.split(':')[-1]} {per[s]['flops'][-1]:.2f}"
+    print("round done: " + ", ".join(f"{s.split(':')[-1]} {per[s]['flops'][-1]:.2f}"
                                       for s in specs), flush=True)
   ref_tps = ref.tokens_per_step * steps / float(np.median(ref_times))
   rows = []
   for spec, stepper in others.items():
     row = dict(config=spec, flops_per_token=stepper.flops_per_token, params=stepper.params)
     for key in ("tokens", "flops"):
-      v = per[spec][key]
-      row.update({f"{key}_ratio": float(np.median(v)), f"{key}_ratio_min": float(min(v)),
-                  f"{key}_ratio_max": float(max(v))})
+      row.update(common.median_range(per[spec][key], f"{key}_ratio"))
     rows.append(row)
   return dict(reference=reference_cfg.name, reference_tokens_per_s=ref_tps,
               reference_flops_per_token=ref.flops_per_token, rounds=rounds,
