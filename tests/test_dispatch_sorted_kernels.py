@@ -11,7 +11,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from moejax.moe.dispatch.block_swiglu import block_swiglu
+from moejax.moe.dispatch.block_swiglu import auto_tile_rows, block_swiglu
 from pallas_kernels.row_gather import dispatch_rows, gather_pairs
 from pallas_kernels.expert_layout import block_layout, padded_rows
 from moejax.moe.dispatch.sorted_blocks import auto_block_size, expert_rows_sorted
@@ -178,7 +178,26 @@ def test_block_swiglu_leaves_unused_blocks_zero():
 def test_block_swiglu_gradients_with_empty_experts(block_expert, num_blocks):
   """Values and all gradients against a per-row formulation, where an empty
   expert's first block is another expert's (or past the used blocks)."""
-  block, num_experts = 4, 5
+  check_block_swiglu_against_rows(block_expert, num_blocks, num_experts=5)
+
+
+@pytest.mark.parametrize("tile_rows", [4, 8, 16, 0])
+def test_block_swiglu_tiles_of_every_size_agree(tile_rows):
+  """An expert of 7 blocks visited as 7 single blocks, 3 pairs + 1, a 4 + 2 + 1,
+  or one auto-sized tile: the same values and gradients as the per-row map."""
+  check_block_swiglu_against_rows([0] * 7 + [1] * 3 + [2, 2], 11, num_experts=3,
+                                  tile_rows=tile_rows)
+
+
+def test_auto_tile_rows():
+  assert auto_tile_rows(512, 256) == 256     # 2^25 multiply-adds at the minimum
+  assert auto_tile_rows(128, 192) == 2048    # narrow experts take taller tiles
+  assert auto_tile_rows(8, 6) == 4096        # capped
+  assert auto_tile_rows(4096, 4096) == 256   # never below the minimum
+
+
+def check_block_swiglu_against_rows(block_expert, num_blocks, num_experts, tile_rows=0):
+  block = 4
   rng = np.random.default_rng(3)
   rows = len(block_expert) * block
   x = _normal(rng, (rows, 8))
@@ -196,7 +215,7 @@ def test_block_swiglu_gradients_with_empty_experts(block_expert, num_blocks):
 
   def blocked(x, wg, wu, wd):
     return block_swiglu(x, wg, wu, wd, jnp.asarray(block_expert, jnp.int32),
-                        jnp.int32(num_blocks), block)
+                        jnp.int32(num_blocks), block, tile_rows=tile_rows)
 
   def loss(fn):
     return jax.jit(jax.value_and_grad(lambda *a: jnp.sum(fn(*a) * cot), argnums=(0, 1, 2, 3)))

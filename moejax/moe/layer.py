@@ -20,6 +20,7 @@ Evaluation (train=False) always dispatches without dropping.
 
 import math
 
+import jax
 import jax.numpy as jnp
 from flax import nnx
 
@@ -62,7 +63,8 @@ class MoE(nnx.Module):
     batch, seq, d_model = x.shape
     x = x.astype(self.dtype)
     tokens = x.reshape(batch * seq, d_model)
-    routing = self.router(tokens)
+    with jax.named_scope("route"):
+      routing = self.router(tokens)
     y, dropped = self._routed(tokens, routing.expert_idx, routing.weights, train)
     y = y.reshape(batch, seq, d_model)
     if self.shared is not None:

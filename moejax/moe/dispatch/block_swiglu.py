@@ -39,9 +39,24 @@ def _silu_grad(a):
   return s * (1 + a * (1 - s))
 
 
-# Largest tile (rows) one matmul takes: an expert's blocks are visited in tiles
-# of several blocks, so small blocks (little padding) still give large matmuls.
-TILE_ROWS = 256
+# An expert's blocks are visited in tiles of several blocks, so small blocks
+# (little padding) still give large matmuls. XLA:CPU splits a dot over its
+# threads only above a size threshold: on the 2-core machine [256, 128] x
+# [128, 192] runs on one thread at 106 GFLOP/s and [2048, 128] x [128, 192] on
+# both at 149, while [256, 512] x [512, 256] (2^25 multiply-adds) already
+# reaches 188. So a tile takes at least 256 rows, and more when the expert is
+# narrow, until one of its matmuls holds MIN_TILE_MACS multiply-adds.
+MIN_TILE_ROWS, MAX_TILE_ROWS = 256, 4096
+MIN_TILE_MACS = 2 ** 25
+
+
+def auto_tile_rows(d_model: int, expert_width: int) -> int:
+  """The largest tile for experts [d_model, expert_width]: a power of two in
+  [MIN_TILE_ROWS, MAX_TILE_ROWS], the smallest with rows * d * f >= MIN_TILE_MACS."""
+  rows = MIN_TILE_ROWS
+  while rows < MAX_TILE_ROWS and rows * d_model * expert_width < MIN_TILE_MACS:
+    rows *= 2
+  return rows
 
 
 def _rows(x, row, size):
@@ -52,12 +67,12 @@ def _put(buf, value, row):
   return jax.lax.dynamic_update_slice_in_dim(buf, value.astype(buf.dtype), row, 0)
 
 
-def _visit_tiles(first, count, block_size, total_blocks, body, carry):
+def _visit_tiles(first, count, block_size, total_blocks, tile_rows, body, carry):
   """carry = body(row, rows, carry) over blocks [first, first + count) of one
-  expert, in tiles: as many of TILE_ROWS as fit, then at most one tile of each
+  expert, in tiles: as many of tile_rows as fit, then at most one tile of each
   smaller power-of-two number of blocks (rows is static per loop)."""
   blocks = 1
-  while blocks * 2 * block_size <= TILE_ROWS and blocks * 2 <= total_blocks:
+  while blocks * 2 * block_size <= tile_rows and blocks * 2 <= total_blocks:
     blocks *= 2
   pos, end = first, first + count
   while blocks >= 1:
@@ -94,23 +109,27 @@ def varying_zeros(shape, dtype, *like):
   return z
 
 
-def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size):
+def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size,
+                 tile_rows: int = 0):
   """x: [blocks * block_size, d] sorted, padded rows; w_gate, w_up: [E, d, f];
   w_down: [E, f, d]; block_expert: [blocks] int; num_blocks: int scalar (blocks in
-  use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0."""
+  use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0.
+  tile_rows: the largest matmul's rows (0: auto_tile_rows)."""
   first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
-  return block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size)
+  return block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
+                             tile_rows=tile_rows)
 
 
 def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
-                        recompute: bool = False):
+                        recompute: bool = False, tile_rows: int = 0):
   """As block_swiglu, with expert e's blocks given as [first[e], first[e] + count[e]).
   Rows of blocks no expert here owns are 0 in the output (and in dx)."""
   return block_swiglu_groups(x, [(w_gate, w_up, w_down)], first, count, block_size,
-                             recompute=recompute)
+                             recompute=recompute, tile_rows=tile_rows)
 
 
-def block_swiglu_groups(x, groups, first, count, block_size, recompute: bool = True):
+def block_swiglu_groups(x, groups, first, count, block_size, recompute: bool = True,
+                        tile_rows: int = 0):
   """Experts of several widths sharing one sorted layout (MoHGE).
 
   groups: [(w_gate [n_g, d, f_g], w_up, w_down [n_g, f_g, d]), ...], expert ids
@@ -129,13 +148,13 @@ def block_swiglu_groups(x, groups, first, count, block_size, recompute: bool = T
   zero = varying_zeros((), x.dtype, x, *weights)
   x = x + zero.astype(x.dtype)
   groups = tuple(tuple(w + zero.astype(w.dtype) for w in g) for g in groups)
-  return _block_swiglu(x, groups, first, count, block_size, recompute)
+  return _block_swiglu(x, groups, first, count, (block_size, tile_rows), recompute)
 
 
 @partial(jax.custom_vjp, nondiff_argnums=(4, 5))
-def _block_swiglu(x, groups, first, count, block_size, recompute):
+def _block_swiglu(x, groups, first, count, tiling, recompute):
   del recompute
-  return _forward(x, groups, first, count, block_size, store=False)[0]
+  return _forward(x, groups, first, count, tiling, store=False)[0]
 
 
 def _group_slices(groups, first, count):
@@ -147,8 +166,14 @@ def _group_slices(groups, first, count):
     offset += n
 
 
-def _forward(x, groups, first, count, block_size, store):
-  """y, and (if store) each group's pre-activations a = x W_gate, u = x W_up of every row."""
+def _group_tile_rows(tile_rows, w_gate):
+  return tile_rows or auto_tile_rows(*w_gate.shape[-2:])
+
+
+def _forward(x, groups, first, count, tiling, store):
+  """y, and (if store) each group's pre-activations a = x W_gate, u = x W_up of every row.
+  tiling: (block_size, tile_rows)."""
+  block_size, tile_rows = tiling
   dt = x.dtype
   rows = x.shape[0]
   like = (x, *(w for g in groups for w in g))
@@ -166,7 +191,8 @@ def _forward(x, groups, first, count, block_size, store):
         a_rows, u_rows = _put(a_rows, a, row), _put(u_rows, u, row)
       return y, a_rows, u_rows
 
-    return _visit_tiles(start, n, block_size, rows // block_size, tile, carry), None
+    return _visit_tiles(start, n, block_size, rows // block_size,
+                        _group_tile_rows(tile_rows, wg), tile, carry), None
 
   y, pre = varying_zeros(x.shape, dt, *like), []
   for wg, wu, wd, start, n in _group_slices(groups, first, count):
@@ -177,18 +203,19 @@ def _forward(x, groups, first, count, block_size, store):
   return y, tuple(pre)
 
 
-def _fwd(x, groups, first, count, block_size, recompute):
-  y, pre = _forward(x, groups, first, count, block_size, store=not recompute)
+def _fwd(x, groups, first, count, tiling, recompute):
+  y, pre = _forward(x, groups, first, count, tiling, store=not recompute)
   return y, (x, pre, groups, first, count)
 
 
-def _bwd(block_size, recompute, res, dy):
+def _bwd(tiling, recompute, res, dy):
   """With h = SiLU(a) * u, per block:
       dh = dy W_down^T,  da = dh * u * SiLU'(a),  du = dh * SiLU(a)
       dx = da W_gate^T + du W_up^T
       dW_down += h^T dy,  dW_gate += x^T da,  dW_up += x^T du
   Weight gradients are summed in float32 (or wider) over an expert's blocks."""
   x, pre, groups, first, count = res
+  block_size, tile_rows = tiling
   dt = x.dtype
   like = (x, dy, *(w for g in groups for w in g))
 
@@ -215,7 +242,8 @@ def _bwd(block_size, recompute, res, dy):
         return _put(dx, da @ wg.T + du @ wu.T, row), dwg, dwu, dwd
 
       zeros = lambda w: varying_zeros(w.shape, acc, *like)
-      dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size, tile,
+      dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size,
+                                       _group_tile_rows(tile_rows, wg), tile,
                                        (dx, zeros(wg), zeros(wu), zeros(wd)))
       return dx, (dwg, dwu, dwd)
     return expert

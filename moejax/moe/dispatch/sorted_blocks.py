@@ -9,6 +9,7 @@ Pure JAX, the fastest dropless path on CPU, and the reference layout for the
 Pallas kernels.
 """
 
+import jax
 import jax.numpy as jnp
 
 from moejax.moe.dispatch.block_swiglu import block_swiglu_groups, expert_block_ranges
@@ -51,11 +52,16 @@ def expert_rows_sorted_groups(x, expert_idx, combine_weights, groups, *, block_s
   num_tokens, k = expert_idx.shape
   num_experts = sum(g[0].shape[0] for g in groups)
   block = block_size or auto_block_size(num_tokens * k, num_experts)
-  lay = block_layout(expert_idx, num_experts, block)
-  rows = dispatch_rows(x, lay.row_pair, lay.pair_row, k)
-  first, count = expert_block_ranges(lay.block_expert, lay.num_blocks, num_experts)
-  out_rows = block_swiglu_groups(rows, groups, first, count, block, recompute=len(groups) > 1)
-  out = gather_pairs(out_rows, lay.pair_row, lay.row_pair).reshape(num_tokens, k, -1)
-  y = jnp.einsum("tk,tkd->td", combine_weights.astype(jnp.float32), out,
-                 preferred_element_type=jnp.float32)
+  with jax.named_scope("layout"):
+    lay = block_layout(expert_idx, num_experts, block)
+    first, count = expert_block_ranges(lay.block_expert, lay.num_blocks, num_experts)
+  with jax.named_scope("gather"):
+    rows = dispatch_rows(x, lay.row_pair, lay.pair_row, k)
+  with jax.named_scope("experts"):
+    out_rows = block_swiglu_groups(rows, groups, first, count, block,
+                                   recompute=len(groups) > 1)
+  with jax.named_scope("combine"):
+    out = gather_pairs(out_rows, lay.pair_row, lay.row_pair).reshape(num_tokens, k, -1)
+    y = jnp.einsum("tk,tkd->td", combine_weights.astype(jnp.float32), out,
+                   preferred_element_type=jnp.float32)
   return y.astype(x.dtype)
