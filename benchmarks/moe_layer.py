@@ -33,6 +33,7 @@ _ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, _ROOT)
 
 from benchmarks import common  # pylint: disable=wrong-import-position
+from benchmarks.sublayer_step import sublayer_step  # pylint: disable=wrong-import-position
 
 flags.DEFINE_list("tokens", ["512", "4096"], "Tokens per call (batch 8 x seq tokens/8).")
 flags.DEFINE_integer("d_model", 512, "Model width.")
@@ -48,35 +49,6 @@ FLAGS = flags.FLAGS
 
 GOALS = {512: 1.5, 4096: 1.0}  # tokens -> most `sorted` may cost, as a multiple of dense
 DENSE_GOAL = 0.7               # dense SwiGLU rate / matmul rate, at least
-
-
-def _layer_fns(backend, num_experts, top_k):
-  import jax
-  import jax.numpy as jnp
-  from flax import nnx
-
-  from moejax.config.base import base_config
-  from moejax.model import sublayers
-
-  cfg = base_config()
-  cfg.model.d_model = FLAGS.d_model
-  if backend == "dense":
-    cfg.model.sublayer, cfg.model.ffn_dim = "dense", FLAGS.dense_ffn
-  else:
-    cfg.model.sublayer = "moe"
-    cfg.moe.num_experts, cfg.moe.top_k = num_experts, top_k
-    cfg.moe.expert_ffn_dim = FLAGS.dense_ffn // top_k
-    cfg.moe.backend = backend
-  layer = sublayers.build(cfg, 0, nnx.Rngs(params=0))
-  graphdef, params, rest = nnx.split(layer, nnx.Param, ...)
-
-  def loss(params, x):
-    y, aux = nnx.merge(graphdef, params, rest)(x, train=True)
-    aux_loss = sum((v for k, v in aux.items() if k.startswith("loss/")), 0.0)
-    return jnp.mean(jnp.square(y.astype(jnp.float32))) + aux_loss
-
-  step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)))
-  return step, params
 
 
 def _timer(fn, *args):
@@ -105,7 +77,7 @@ def measure(tokens: int) -> dict:
     floors[(e, k)]()
   timers, memory, once = {}, {}, set()
   for v in [("dense", 0, 0)] + variants:
-    step, params = _layer_fns(*v)
+    step, params = sublayer_step(*v, d_model=FLAGS.d_model, dense_ffn=FLAGS.dense_ffn)
     memory[v] = common.memory_bytes(step.lower(params, x).compile())["peak"]
     timers[v] = _timer(step, params, x)
     first = timers[v]()  # compiles and warms up
