@@ -250,7 +250,9 @@ def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale
   try:
     if row.get("task") == "measure":
       metrics = experiment.measure(row, cfg, workdir, scale, settings or {})
-      final = dict(metrics, status="completed", name=cfg.name, workdir=workdir)
+      final = dict(metrics, status="completed", name=cfg.name, workdir=workdir,
+                   jax_version=jax.__version__,
+                   devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
       if lead:
         write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(cfg))
         write_json(os.path.join(workdir, "final.json"), final)

@@ -8,6 +8,8 @@ import types
 
 import pytest
 
+import jax
+
 from experiments import common, registry, sweep
 from experiments.registry import Experiment, Match, Target
 from moejax.config.files import load_config
@@ -241,6 +243,7 @@ def test_a_measure_row_writes_the_measured_metrics(register, tmp_path, no_traini
   final = read(workdir / "final.json")
   assert final["status"] == "completed"
   assert final["time/ratio_to_dense"] == 1.5 and final["latency/peer_ms"] == 2.25
+  assert final["jax_version"] == jax.__version__ and final["devices"].endswith("cpu")
   assert read(workdir / "config.json")["train"]["steps"] == 2
   row = read(workdir / "row.json")
   assert row["status"] == "completed" and row["arm"] == "timing" and row["seed"] == 0
