@@ -9,6 +9,7 @@ import sys
 import numpy as np
 import pytest
 
+from experiments import registry
 from tests.helpers import ROOT, TINY_FLAGS, config_flags, losses_by_step, run_py
 
 FLAGS = config_flags({**TINY_FLAGS, "train.steps": 6, "checkpoint.every": 3})
@@ -87,7 +88,11 @@ def test_two_processes_run_one_sweep_row_like_one_process(tmp_path):
               "train.eval_every": 1000, "train.eval_batches": 1,
               "train.final_eval_batches": 1, "checkpoint.every": 3}
   sets = [f"--set={k}={v}" for k, v in settings.items()]
-  args = ["--experiment=mohge", "--sweep_index=2", "--scale=tiny", *sets]
+  # The MoHGE arm's first seed, found by name so that adding seeds or arms cannot
+  # silently turn this into a dense row.
+  rows = registry.get("mohge").rows("tiny")
+  index = next(i for i, r in enumerate(rows) if registry.row_name(r) == "mohge_s0")
+  args = ["--experiment=mohge", f"--sweep_index={index}", "--scale=tiny", *sets]
   port = _free_port()
   env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=2",
              JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
@@ -100,13 +105,13 @@ def test_two_processes_run_one_sweep_row_like_one_process(tmp_path):
   outs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outs):
     assert p.returncode == 0, err[-3000:]
-  row_dir = os.path.join(multi_root, "mohge", "tiny", "baseline_s0")
+  row_dir = os.path.join(multi_root, "mohge", "tiny", "mohge_s0")
   with open(os.path.join(row_dir, "row.json")) as f:
     assert json.load(f)["status"] == "completed"
   single = run_py([*args, f"--workdir={single_root}"], devices=4)
   assert single.returncode == 0, single.stderr[-3000:]
   a = losses_by_step(row_dir)
-  b = losses_by_step(os.path.join(single_root, "mohge", "tiny", "baseline_s0"))
+  b = losses_by_step(os.path.join(single_root, "mohge", "tiny", "mohge_s0"))
   assert sorted(a) == sorted(b) == list(range(1, 7))
   np.testing.assert_allclose([a[s] for s in sorted(a)], [b[s] for s in sorted(b)], rtol=1e-5,
                              atol=1e-5)
