@@ -8,8 +8,8 @@ Layout: <root>/<experiment>/<scale>/<arm>_s<seed>/ is an ordinary run workdir
 (config.json, metrics.jsonl, final.json, checkpoints/) plus row.json, which says
 what the row is and how it ended: "completed", "failed" (with the error; the
 traceback is in error.txt), or "preempted". A row whose final.json says
-completed is skipped; a row whose config (all but its name) equals a completed row
-of any experiment under the same root reuses that run (row.json names it in
+completed is skipped; a row whose config (all but its name) equals a completed,
+trained (not measured) row of any experiment under the same root reuses that run (row.json names it in
 "reused_from"), so a baseline shared by tables trains once; an interrupted
 row resumes from its last checkpoint
 with the same data order, so rerunning a sweep after a crash or preemption
@@ -218,6 +218,14 @@ def changed_fields(workdir: str, cfg, shown: int = 4) -> str:
                                      else "")
 
 
+def is_trained(workdir: str) -> bool:
+  """Completed by training. A measured row's config can equal a training row's
+  (the timing tables measure presets that other tables train), but its
+  final.json holds only measurements, so it must never stand in for one."""
+  final = read_json(os.path.join(workdir, "final.json"))
+  return bool(final) and final.get("status") == "completed" and "train_loss" in final
+
+
 def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | None:
   """A completed training row of any experiment under `root` with this fingerprint."""
   for path in sorted(glob.glob(os.path.join(root, "*", scale, "*", "row.json"))):
@@ -225,7 +233,7 @@ def find_completed(root: str, scale: str, print_: str, exclude: str) -> str | No
     record = read_json(path) or {}
     if (os.path.abspath(workdir) != os.path.abspath(exclude)
         and record.get("fingerprint") == print_ and not record.get("reused_from")
-        and is_completed(workdir)):
+        and is_trained(workdir)):
       return os.path.abspath(workdir)
   return None
 

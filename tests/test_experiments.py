@@ -407,3 +407,28 @@ def test_measure_rows_are_never_reused(register, tmp_path):
   sweep_quietly("fake_m2", tmp_path)
   assert len(calls) == 2  # timings are of this machine now, not of another run's
   assert "reused_from" not in read(tmp_path / "fake_m2" / "tiny" / "t_s0" / "row.json")
+
+
+def test_a_training_row_never_reuses_a_measured_row_of_the_same_config(register, tmp_path,
+                                                                       monkeypatch):
+  trained = []
+
+  def fake_train(cfg, workdir):
+    trained.append(workdir)
+    final = dict(status="completed", train_loss=1.0, **{"eval/loss": 1.0})
+    with open(os.path.join(workdir, "final.json"), "w") as f:
+      json.dump(final, f)
+    return final
+
+  monkeypatch.setattr("moejax.train.train_and_evaluate", fake_train)
+  register("fake_timing", [measure_row("t")], measure=lambda *a: {"time/x": 1.0})
+  register("fake_table", [train_row("t")])
+  register("fake_table2", [train_row("t")])
+  sweep_quietly("fake_timing", tmp_path)
+  _, said = sweep_quietly("fake_table", tmp_path)
+  assert len(trained) == 1 and "reusing" not in said
+  assert "reused_from" not in read(tmp_path / "fake_table" / "tiny" / "t_s0" / "row.json")
+  # A trained row is still shared with the next table that needs it.
+  _, said = sweep_quietly("fake_table2", tmp_path)
+  assert len(trained) == 1 and "reusing" in said
+
