@@ -48,6 +48,9 @@ def _silu_grad(a):
 # narrow, until one of its matmuls holds MIN_TILE_MACS multiply-adds.
 MIN_TILE_ROWS, MAX_TILE_ROWS = 256, 4096
 MIN_TILE_MACS = 2 ** 25
+# An expert's visit compiles to one loop per tile size (tile, tile/2, ..., one
+# block), so an automatic tile spans at most this many blocks: five loops.
+MAX_TILE_BLOCKS = 16
 
 
 def auto_tile_rows(d_model: int, expert_width: int) -> int:
@@ -166,8 +169,8 @@ def _group_slices(groups, first, count):
     offset += n
 
 
-def _group_tile_rows(tile_rows, w_gate):
-  return tile_rows or auto_tile_rows(*w_gate.shape[-2:])
+def _group_tile_rows(tile_rows, w_gate, block_size):
+  return tile_rows or min(auto_tile_rows(*w_gate.shape[-2:]), MAX_TILE_BLOCKS * block_size)
 
 
 def _forward(x, groups, first, count, tiling, store):
@@ -192,7 +195,7 @@ def _forward(x, groups, first, count, tiling, store):
       return y, a_rows, u_rows
 
     return _visit_tiles(start, n, block_size, rows // block_size,
-                        _group_tile_rows(tile_rows, wg), tile, carry), None
+                        _group_tile_rows(tile_rows, wg, block_size), tile, carry), None
 
   y, pre = varying_zeros(x.shape, dt, *like), []
   for wg, wu, wd, start, n in _group_slices(groups, first, count):
@@ -243,7 +246,7 @@ def _bwd(tiling, recompute, res, dy):
 
       zeros = lambda w: varying_zeros(w.shape, acc, *like)
       dx, dwg, dwu, dwd = _visit_tiles(start, n, block_size, x.shape[0] // block_size,
-                                       _group_tile_rows(tile_rows, wg), tile,
+                                       _group_tile_rows(tile_rows, wg, block_size), tile,
                                        (dx, zeros(wg), zeros(wu), zeros(wd)))
       return dx, (dwg, dwu, dwd)
     return expert
