@@ -35,6 +35,7 @@ def _train(workdir, overrides, steps=6):
 OVERRIDES = {**LOOP, **L3, "l3.after_layers": (1, 3)}
 
 
+@pytest.mark.slow  # about 45 s of compiles: train, eval, host eval, two evaluate_run meshes
 def test_looped_moe_with_l3_trains_logs_diagnostics_and_saves_its_allocation(tmp_path):
   cfg = tiny_config(**{"train.steps": 6, "train.warmup_steps": 1, "checkpoint.every": 3,
                        **OVERRIDES, "l3.host_eval": True})
