@@ -121,8 +121,7 @@ def train_step_program(cfg):
   from moejax import sharding
   stepper = Stepper(cfg, warmup=0)
   with sharding.use_mesh(stepper.mesh, cfg.sharding.rules):
-    batch = stepper._to_global(next(stepper.it), stepper.mesh, cfg.train.global_batch)  # pylint: disable=protected-access
-    hlo = stepper.step_fn.lower(stepper.state, batch).compile().as_text()
+    hlo = stepper.step_fn.lower(stepper.state, stepper.next_batch()).compile().as_text()
   return (lambda: stepper.run(1)), hlo
 
 
@@ -132,8 +131,8 @@ def layer_program(backend: str, experts: int, top_k: int, tokens: int):
   step, params = sublayer_step(backend, experts, top_k, d_model=FLAGS.d_model,
                                dense_ffn=FLAGS.dense_ffn)
   x = jax.random.normal(jax.random.PRNGKey(0), (8, tokens // 8, FLAGS.d_model))
-  hlo = step.lower(params, x).compile().as_text()
-  return (lambda: jax.block_until_ready(step(params, x))), hlo
+  compiled = step.lower(params, x).compile()  # run this one: calling step would compile again
+  return (lambda: jax.block_until_ready(compiled(params, x))), compiled.as_text()
 
 
 def render(r: dict, what: str) -> str:

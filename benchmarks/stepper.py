@@ -43,6 +43,10 @@ class Stepper:
     self.tokens_per_step = cfg.train.global_batch * cfg.data.seq_len
     self.run(warmup)
 
+  def next_batch(self):
+    """The next global batch from the trainer's iterator, on the mesh."""
+    return self._to_global(next(self.it), self.mesh, self.cfg.train.global_batch)
+
   def run(self, steps: int) -> tuple[float, float]:
     import jax
 
@@ -52,7 +56,7 @@ class Stepper:
       start = time.perf_counter()
       for _ in range(steps):
         t0 = time.perf_counter()
-        batch = self._to_global(next(self.it), self.mesh, self.cfg.train.global_batch)
+        batch = self.next_batch()
         wait += time.perf_counter() - t0
         self.state, metrics = self.step_fn(self.state, batch)
       jax.block_until_ready((self.state["step"], metrics))

@@ -190,10 +190,11 @@ def test_block_swiglu_tiles_of_every_size_agree(tile_rows):
 
 
 def test_auto_tile_rows():
-  assert auto_tile_rows(512, 256) == 256     # 2^25 multiply-adds at the minimum
-  assert auto_tile_rows(128, 192) == 2048    # narrow experts take taller tiles
-  assert auto_tile_rows(8, 6) == 4096        # capped
-  assert auto_tile_rows(4096, 4096) == 256   # never below the minimum
+  assert auto_tile_rows(512, 256, 256) == 256     # 2^25 multiply-adds at the minimum
+  assert auto_tile_rows(128, 192, 256) == 2048    # narrow experts take taller tiles
+  assert auto_tile_rows(8, 6, 512) == 4096        # at most MAX_TILE_ROWS
+  assert auto_tile_rows(8, 6, 16) == 256          # at most 16 blocks: five loops
+  assert auto_tile_rows(4096, 4096, 64) == 256    # never below the minimum
 
 
 def check_block_swiglu_against_rows(block_expert, num_blocks, num_experts, tile_rows=0):

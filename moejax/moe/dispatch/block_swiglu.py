@@ -53,13 +53,14 @@ MIN_TILE_MACS = 2 ** 25
 MAX_TILE_BLOCKS = 16
 
 
-def auto_tile_rows(d_model: int, expert_width: int) -> int:
+def auto_tile_rows(d_model: int, expert_width: int, block_size: int) -> int:
   """The largest tile for experts [d_model, expert_width]: a power of two in
-  [MIN_TILE_ROWS, MAX_TILE_ROWS], the smallest with rows * d * f >= MIN_TILE_MACS."""
+  [MIN_TILE_ROWS, MAX_TILE_ROWS], the smallest with rows * d * f >= MIN_TILE_MACS,
+  and at most MAX_TILE_BLOCKS blocks."""
   rows = MIN_TILE_ROWS
   while rows < MAX_TILE_ROWS and rows * d_model * expert_width < MIN_TILE_MACS:
     rows *= 2
-  return rows
+  return min(rows, MAX_TILE_BLOCKS * block_size)
 
 
 def _rows(x, row, size):
@@ -119,16 +120,8 @@ def block_swiglu(x, w_gate, w_up, w_down, block_expert, num_blocks, block_size,
   use, a prefix). Returns [blocks * block_size, d]; rows of unused blocks are 0.
   tile_rows: the largest matmul's rows (0: auto_tile_rows)."""
   first, count = expert_block_ranges(block_expert, num_blocks, w_gate.shape[0])
-  return block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
-                             tile_rows=tile_rows)
-
-
-def block_swiglu_ranges(x, w_gate, w_up, w_down, first, count, block_size,
-                        recompute: bool = False, tile_rows: int = 0):
-  """As block_swiglu, with expert e's blocks given as [first[e], first[e] + count[e]).
-  Rows of blocks no expert here owns are 0 in the output (and in dx)."""
   return block_swiglu_groups(x, [(w_gate, w_up, w_down)], first, count, block_size,
-                             recompute=recompute, tile_rows=tile_rows)
+                             recompute=False, tile_rows=tile_rows)
 
 
 def block_swiglu_groups(x, groups, first, count, block_size, recompute: bool = True,
@@ -170,7 +163,7 @@ def _group_slices(groups, first, count):
 
 
 def _group_tile_rows(tile_rows, w_gate, block_size):
-  return tile_rows or min(auto_tile_rows(*w_gate.shape[-2:]), MAX_TILE_BLOCKS * block_size)
+  return tile_rows or auto_tile_rows(*w_gate.shape[-2:], block_size)
 
 
 def _forward(x, groups, first, count, tiling, store):
