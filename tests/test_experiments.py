@@ -162,6 +162,24 @@ def test_common_rows_crosses_arms_with_seeds():
   assert rows[len(seeds)]["x"] == 1 and "x" not in rows[0]
 
 
+def test_queue_runs_each_table_seed_by_seed_and_timing_rows_last():
+  """A suite stopped partway must leave every arm with the same seeds (pairing)."""
+  from experiments.queue import queue
+  names = ["omnimoe", "all_variants"]
+  pairs = queue(names, "tiny")
+  rows = {name: registry.get(name).rows("tiny") for name in names}
+  trained = [(n, i) for n, i in pairs if rows[n][i].get("task") != "measure"]
+  measured = [(n, i) for n, i in pairs if rows[n][i].get("task") == "measure"]
+  assert measured and pairs == trained + measured
+  assert sorted(pairs) == sorted((n, i) for n in names for i in range(len(rows[n])))
+  for name in names:
+    order = [rows[name][i] for n, i in trained if n == name]
+    assert [r["seed"] for r in order] == sorted(r["seed"] for r in order)
+    arms = {r["arm"] for r in order}
+    assert {r["arm"] for r in order[:len(arms)]} == arms  # every arm's first seed first
+  assert [n for n, _ in trained] == sorted([n for n, _ in trained], key=names.index)
+
+
 def test_list_names_every_experiment():
   r = run_py(["--list"])
   assert r.returncode == 0, r.stderr[-3000:]
