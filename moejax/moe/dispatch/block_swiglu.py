@@ -42,10 +42,11 @@ def _silu_grad(a):
 # An expert's blocks are visited in tiles of several blocks, so small blocks
 # (little padding) still give large matmuls. XLA:CPU splits a dot over its
 # threads only above a size threshold: on the 2-core machine [256, 128] x
-# [128, 192] runs on one thread at 106 GFLOP/s and [2048, 128] x [128, 192] on
-# both at 149, while [256, 512] x [512, 256] (2^25 multiply-adds) already
-# reaches 188. So a tile takes at least 256 rows, and more when the expert is
-# narrow, until one of its matmuls holds MIN_TILE_MACS multiply-adds.
+# [128, 192] runs no faster on two cores than on one, while [2048, 128] x
+# [128, 192] and [256, 512] x [512, 256] (2^25 multiply-adds) run 1.6-1.8x
+# faster on two (benchmarks/results/small_dots_cpu.md). So a tile takes at
+# least 256 rows, and more when the expert is narrow, until one of its matmuls
+# holds MIN_TILE_MACS multiply-adds.
 MIN_TILE_ROWS, MAX_TILE_ROWS = 256, 4096
 MIN_TILE_MACS = 2 ** 25
 # An expert's visit compiles to one loop per tile size (tile, tile/2, ..., one
