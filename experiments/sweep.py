@@ -38,6 +38,7 @@ from moejax.config.budget_match import relative_difference
 from moejax.config.files import load_config
 from moejax.errors import ConfigError
 from moejax.metrics import read_json, write_json
+from moejax.provenance import provenance
 
 def overrides(row: dict) -> dict:
   """The row's config overrides: its dotted keys ("moe.top_k"); the others
@@ -259,8 +260,7 @@ def run_row(experiment: registry.Experiment, row: dict, cfg, workdir: str, scale
     if row.get("task") == "measure":
       metrics = experiment.measure(row, cfg, workdir, scale, settings or {})
       final = dict(metrics, status="completed", name=cfg.name, workdir=workdir,
-                   jax_version=jax.__version__,
-                   devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+                   **provenance())
       if lead:
         write_json(os.path.join(workdir, "config.json"), config_lib.to_dict(cfg))
         write_json(os.path.join(workdir, "final.json"), final)

@@ -72,6 +72,7 @@ def evaluate_run(workdir: str, *, step=None, dataset=None, split=None, files=Non
   from moejax import sharding
   from moejax.errors import ConfigError
   from moejax.metrics import write_json
+  from moejax.provenance import provenance
   from moejax.saved_run import SavedRun
   from moejax.train import evaluate, make_eval_step
 
@@ -110,8 +111,7 @@ def evaluate_run(workdir: str, *, step=None, dataset=None, split=None, files=Non
       workdir=run.workdir, step=run.step, dataset=info, split=data_cfg.eval_split,
       seq_len=seq_len, batch_size=batch, batches=batches, whole_split=batches == total_batches,
       trained_on=run.dataset.get("name"), **metrics,
-      devices=f"{run.mesh.devices.size} x {jax.devices()[0].device_kind}",
-      jax_version=jax.__version__, wall_time_s=round(time.time() - start, 2),
+      **provenance(run.mesh.devices.size), wall_time_s=round(time.time() - start, 2),
       command=" ".join(sys.argv))
   path = output_path(run.workdir, info, data_cfg.eval_split, run.step)
   if jax.process_index() == 0:

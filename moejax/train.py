@@ -46,6 +46,7 @@ from moejax.errors import ConfigError, NonFiniteLossError
 from moejax.metrics import MetricWriter
 from moejax.model.transformer import Transformer
 from moejax.optim import learning_rate_schedule, make_optimizer
+from moejax.provenance import provenance
 from moejax import workdir as workdir_lib
 from moejax.workdir_lock import WorkdirLock
 
@@ -550,9 +551,7 @@ def _train_and_evaluate(cfg, workdir: str, wall_start: float, ckpt) -> dict[str,
                  train_loss=last_metrics.get("loss"),
                  tflops_per_device=last_metrics.get("perf/tflops_per_device"),
                  mfu=last_metrics.get("perf/mfu"), peak_tflops=peak,
-                 wall_time_s=time.time() - wall_start,
-                 jax_version=jax.__version__,
-                 devices=f"{jax.device_count()} x {jax.devices()[0].device_kind}")
+                 wall_time_s=time.time() - wall_start, **provenance())
     if status == "completed":
       final.update(run_eval(cfg.train.final_eval_batches))
       run = RunContext(spec=spec, state=state, eval_iter=eval_iter, data=data,
