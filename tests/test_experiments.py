@@ -13,6 +13,7 @@ import jax
 from experiments import common, registry, sweep
 from experiments.registry import Experiment, Match, Target
 from moejax.config.files import load_config
+from moejax import provenance
 from moejax.errors import ConfigError
 from tests.helpers import TINY_FLAGS, run_py
 
@@ -262,6 +263,7 @@ def test_a_measure_row_writes_the_measured_metrics(register, tmp_path, no_traini
   assert final["status"] == "completed"
   assert final["time/ratio_to_dense"] == 1.5 and final["latency/peer_ms"] == 2.25
   assert final["jax_version"] == jax.__version__ and final["devices"].endswith("cpu")
+  assert final["code_version"] == provenance.code_version()
   assert read(workdir / "config.json")["train"]["steps"] == 2
   row = read(workdir / "row.json")
   assert row["status"] == "completed" and row["arm"] == "timing" and row["seed"] == 0

@@ -5,6 +5,7 @@ import math
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -410,3 +411,23 @@ def test_overview_readme_part_and_forest_plot(summary, tmp_path):
   readme.write_text("no markers\n")
   with pytest.raises(ValueError, match="marker lines"):
     overview.update_readme(str(readme), text)
+
+
+def test_rows_of_two_code_versions_are_warned_about():
+  def row(name, version):
+    return types.SimpleNamespace(name=name, summary={"code_version": version} if version else {})
+  one = [row("a_s0", "abc"), row("b_s0", "abc"), row("c_s0", None)]
+  assert report.code_version_warnings(one) == []
+  (warning,) = report.code_version_warnings(one + [row("a_s1", "def+dirty")])
+  assert "2 code versions" in warning and "def+dirty: a_s1" in warning
+  assert "abc: a_s0, b_s0" in warning
+
+
+def test_code_version_is_the_checkout_commit():
+  from moejax.provenance import code_version
+  head = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], capture_output=True,
+                        text=True, check=False, cwd=os.path.dirname(os.path.dirname(
+                            os.path.abspath(__file__))))
+  if head.returncode != 0:
+    pytest.skip("not a git checkout")
+  assert code_version().split("+")[0] == head.stdout.strip()

@@ -52,6 +52,21 @@ def default_command(name: str, scale: str, runs: str, settings: dict | None = No
   return cmd
 
 
+def code_version_warnings(done) -> list[str]:
+  """One warning when the completed rows come from more than one code version: a
+  change that only reorders float sums moves MoE runs by up to the seed-to-seed
+  spread, so paired differences across versions are not what the table claims."""
+  by_version = {}
+  for r in done:
+    if r.summary.get("code_version"):
+      by_version.setdefault(str(r.summary["code_version"]), []).append(r.name)
+  if len(by_version) < 2:
+    return []
+  parts = "; ".join(f"{v}: {', '.join(sorted(names))}" for v, names in sorted(by_version.items()))
+  return [f"the completed rows come from {len(by_version)} code versions ({parts}); "
+          "rerun the rows of the older ones so that every pair shares one version"]
+
+
 def launch_settings(runs_found) -> tuple[dict, list]:
   """The --set values the rows were run with (row.json), and a warning per row
   whose values differ from the others' (the table then mixes launches)."""
@@ -90,7 +105,9 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
   done = [r for r in runs_found if r.completed]
   env = dict(jax_version=sorted({str(r.summary["jax_version"]) for r in done
                                  if "jax_version" in r.summary}),
-             devices=sorted({str(r.summary["devices"]) for r in done if "devices" in r.summary}))
+             devices=sorted({str(r.summary["devices"]) for r in done if "devices" in r.summary}),
+             code_version=sorted({str(r.summary["code_version"]) for r in done
+                                  if r.summary.get("code_version")}))
   os.makedirs(out, exist_ok=True)
   written = plots.write_plots(runs_found, arms, out)
   settings, mixed = launch_settings(runs_found)
@@ -101,7 +118,8 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
                          f"--scale={scale} --runs={runs} --out={out}"),
       environment=env, columns=list(experiment.columns), arms=arms, stats=arm_stats,
       noise_floor=noise, claims=claims, rule=stats.RULE, notes=experiment.notes, plots=written,
-      warnings=[w for r in runs_found for w in r.warnings] + mixed,
+      warnings=([w for r in runs_found for w in r.warnings] + mixed
+                + code_version_warnings(done)),
       rows=[dict(row=r.name, arm=r.arm, seed=r.seed, status=r.status, error=r.error,
                  dir=r.dir, reused_from=r.reused_from,
                  summary={k: v for k, v in r.summary.items() if run_files.is_scalar(v)})
