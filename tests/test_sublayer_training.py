@@ -47,6 +47,9 @@ def test_omnimoe_trains_in_bf16_and_checkpoints_its_batchnorm_state(tmp_path):
   assert stats and all(not np.allclose(v, 1.0) for v in stats)  # moved off the init
 
 
+# Slow: PEER shares OmniMoE's atomic layer body, which the test above trains in
+# bf16; PEER's own numerics are checked against its reference in test_atomic_experts.
+@pytest.mark.slow
 def test_peer_trains_in_bf16(tmp_path):
   rows = _train(tmp_path, {**OMNI, "model.sublayer": "peer", "atomic.peer_query_dim": 16,
                            "atomic.peer_heads": 2, "model.compute_dtype": "bfloat16"})
@@ -54,6 +57,9 @@ def test_peer_trains_in_bf16(tmp_path):
   assert all(rows[s]["aux/gate_mass"] == pytest.approx(2.0, rel=1e-3) for s in rows)  # 2 heads
 
 
+# Slow: the same refusal for dense and MoE fields is test_train.py's
+# test_resume_refuses_an_incompatible_checkpoint; this adds OmniMoE's field.
+@pytest.mark.slow
 def test_resume_refuses_a_changed_expert_table(tmp_path):
   _train(tmp_path, OMNI)
   with pytest.raises(ConfigError, match=r"atomic.num_experts: 64 -> 256"):
