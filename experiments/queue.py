@@ -8,7 +8,8 @@ finishes before the next starts, and a baseline another table reuses has
 trained before that table reaches it), then the timing rows, which should run
 alone on the machine. Within a table the rows go seed by seed (every arm's
 seed 0, then every arm's seed 1, ...): a suite stopped partway leaves each arm
-with the same completed seeds, which is what the paired verdicts need. scripts/run_all_tiny.sh feeds these lines to
+with the same completed seeds, which is what the paired verdicts need.
+scripts/run_all_tiny.sh feeds these lines to
 `run.py --experiment=NAME --sweep_index=INDEX`, as a job array would.
 """
 
@@ -35,7 +36,7 @@ def queue(names, scale: str, rows: str = "all") -> list[tuple[str, int]]:
     if scale not in experiment.scales:
       continue
     indexed = list(enumerate(experiment.rows(scale)))
-    indexed.sort(key=lambda pair: (pair[1].get("seed", 0), pair[0]))
+    indexed.sort(key=lambda pair: (pair[1]["seed"], pair[0]))
     for i, row in indexed:
       (measure if row.get("task") == "measure" else train).append((name, i))
   return {"all": train + measure, "train": train, "measure": measure}[rows]

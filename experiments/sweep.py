@@ -9,11 +9,11 @@ Layout: <root>/<experiment>/<scale>/<arm>_s<seed>/ is an ordinary run workdir
 what the row is and how it ended: "completed", "failed" (with the error; the
 traceback is in error.txt), or "preempted". A row whose final.json says
 completed is skipped; a row whose config (all but its name) equals a completed,
-trained (not measured) row of any experiment under the same root reuses that run (row.json names it in
-"reused_from"), so a baseline shared by tables trains once; an interrupted
-row resumes from its last checkpoint
-with the same data order, so rerunning a sweep after a crash or preemption
-finishes only what is left.
+trained (not measured) row of any experiment under the same root reuses that
+run (row.json names it in "reused_from"), so a baseline shared by tables trains
+once; an interrupted row resumes from its last checkpoint with the same data
+order, so rerunning a sweep after a crash or preemption finishes only what is
+left.
 
 Before any row trains, every row's config is built and validated and the
 experiment's budget matches are asserted (a bad sweep stops with one sentence).

@@ -103,11 +103,8 @@ def aggregate(experiment: registry.Experiment, scale: str, runs: str, out: str,
                 along_training=stats.paired_along_training(c, runs_found))
             for c in experiment.claims]
   done = [r for r in runs_found if r.completed]
-  env = dict(jax_version=sorted({str(r.summary["jax_version"]) for r in done
-                                 if "jax_version" in r.summary}),
-             devices=sorted({str(r.summary["devices"]) for r in done if "devices" in r.summary}),
-             code_version=sorted({str(r.summary["code_version"]) for r in done
-                                  if r.summary.get("code_version")}))
+  env = {key: sorted({str(r.summary[key]) for r in done if r.summary.get(key)})
+         for key in ("jax_version", "devices", "code_version")}
   os.makedirs(out, exist_ok=True)
   written = plots.write_plots(runs_found, arms, out)
   settings, mixed = launch_settings(runs_found)

@@ -99,7 +99,7 @@ def render_markdown(summary: dict, titles: dict | None = None) -> str:
            f"Aggregated with `{s['aggregate_command']}`.", "",
            f"Environment: jax {', '.join(env['jax_version']) or 'not recorded'}; devices "
            f"{', '.join(env['devices']) or 'not recorded'}; code "
-           f"{', '.join(env.get('code_version') or []) or 'version not recorded'} "
+           f"{', '.join(env['code_version']) or 'version not recorded'} "
            "(from the completed runs' final.json).",
            "", "## Results", "",
            "Mean ± sample std over completed seeds (n = completed/rows per arm).", ""]
